@@ -1,0 +1,24 @@
+"""Adapters: which modules of a denoiser are cache units and components (ARCHITECTURE section 4).
+
+Importing this package registers the built-in adapters, UNets first, then transformers.
+"""
+
+from . import unet, dit  # noqa: F401  (registration order: specific UNet adapter before the block-list one)
+from .base import BLOCK, Adapter, Layout, denoiser_of, register_adapter, resolve_adapter
+from .dit import TransformerAdapter, TransformerUnit
+from .generic import PatternAdapter
+from .unet import UNetAdapter, UNetLayer
+
+__all__ = [
+    "BLOCK",
+    "Adapter",
+    "Layout",
+    "PatternAdapter",
+    "TransformerAdapter",
+    "TransformerUnit",
+    "UNetAdapter",
+    "UNetLayer",
+    "denoiser_of",
+    "register_adapter",
+    "resolve_adapter",
+]

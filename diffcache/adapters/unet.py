@@ -1,0 +1,151 @@
+"""UNet denoisers (`UNet2DConditionModel`: SD1.x/2.x/SDXL layouts; `UNet2DModel`): DeepCache skip branches.
+
+DeepCache (specs/algorithms.md section 1): the encoder emits skip tensors ``s_0 .. s_{M-1}`` (``s_0`` =
+``conv_in``, then one per down resnet[+attention] layer and one per downsampler) that the decoder consumes
+in reverse. Caching at branch ``b`` keeps ``F_b``, the hidden state that entered the decoder layer consuming
+``s_b`` at the last full step; a partial step runs ``conv_in``, the encoder layers producing ``s_1..s_b``, the
+decoder layers consuming ``s_b..s_0`` and ``conv_out``, and skips everything deeper.
+
+Units are the nested shells of that structure, shallowest first: unit ``u < M-1`` is the encoder layer that
+produces ``s_{u+1}`` plus the decoder layer (and following upsampler) that consumes it; unit ``M-1`` is the mid
+block. Unit ``u``'s cache is ``F_u``, the output of everything from unit ``u`` down. A step's bits must be
+a run of ``True`` followed by ``False`` (a deeper shell cannot run when a shallower one is reused); the first
+``False`` unit ``b`` is DeepCache's ``cache_branch_id = b`` (``b = 0``: only ``conv_in``/``conv_out`` and the
+last decoder layer run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ScheduleError, UnsupportedModelError
+from .base import BLOCK, Adapter, Layout, register_adapter
+
+_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D")
+_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")
+
+
+@dataclass
+class UNetLayer:
+    """A hooked UNet module.
+
+    Attributes:
+        member: the unit it belongs to; it is skipped when that unit is at or below the step's cache branch.
+        consumes: for decoder resnets, the skip index ``j`` whose branch feature ``F_j`` is its hidden input.
+        skip_channels: channels of ``s_j`` in the resnet's concatenated input ``cat([F_j, s_j])``.
+        wraps_output: the module is a ``Transformer2DModel`` whose output is a tuple/output object.
+    """
+
+    name: str
+    module: torch.nn.Module
+    member: int | None
+    consumes: int | None = None
+    skip_channels: int = 0
+    wraps_output: bool = False
+
+
+class UNetAdapter(Adapter):
+    """DeepCache branches of a diffusers UNet; every branch is a unit (``units[b]`` = ``cache_branch_id b``)."""
+
+    family = "unet"
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        super().__init__(denoiser)
+        self.units, self.layers = _describe(denoiser)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.units)
+
+    def layout(self, granularity: str = BLOCK) -> Layout:
+        if granularity != BLOCK:
+            raise UnsupportedModelError(
+                "UNets are cached per skip branch (block granularity); component caching is for transformers"
+            )
+        return Layout(self.family, list(self.units), [BLOCK])
+
+    def check_schedule(self, schedule) -> None:
+        super().check_schedule(schedule)
+        bits = schedule.recompute[:, :, 0]
+        # True-run then False-run per step: a False followed later by a True is the violation.
+        broken = (~bits[:, :-1] & bits[:, 1:]).any(axis=1)
+        if broken.any():
+            step = int(np.argmax(broken))
+            row = "".join("1" if b else "0" for b in bits[step])
+            raise ScheduleError(
+                f"step {step}: UNet branch bits {row} recompute a deeper unit after reusing a shallower one; "
+                "a UNet step reuses one branch feature, so bits must be 1...10...0 from shallow to deep"
+            )
+
+
+def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    for kind, blocks, allowed in (("down", unet.down_blocks, _DOWN_BLOCKS), ("up", unet.up_blocks, _UP_BLOCKS)):
+        bad = [type(b).__name__ for b in blocks if type(b).__name__ not in allowed]
+        if bad:
+            raise UnsupportedModelError(
+                f"{type(unet).__name__} has {kind} blocks {bad}; DeepCache branches are supported for {allowed}. "
+                "Pass units='<glob>' to cache chosen modules as whole blocks instead"
+            )
+    if unet.mid_block is None:
+        raise UnsupportedModelError(f"{type(unet).__name__} has no mid block; DeepCache needs one")
+
+    def layer(name: str, module: torch.nn.Module, member: int | None, **kw) -> UNetLayer:
+        return UNetLayer(name, module, member, wraps_output=isinstance(module, Transformer2DModel), **kw)
+
+    # Encoder: skip j > 0 is produced by unit j-1.
+    skip_channels = [unet.conv_in.out_channels]
+    units: list[str] = []
+    layers: list[UNetLayer] = []
+    for bi, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for i, resnet in enumerate(block.resnets):
+            unit = len(units)
+            units.append(f"down_blocks.{bi}.resnets.{i}")
+            layers.append(layer(units[-1], resnet, unit))
+            if attentions is not None:
+                layers.append(layer(f"down_blocks.{bi}.attentions.{i}", attentions[i], unit))
+            skip_channels.append(resnet.out_channels)
+        for i, sampler in enumerate(block.downsamplers or []):
+            units.append(f"down_blocks.{bi}.downsamplers.{i}")
+            layers.append(layer(units[-1], sampler, len(units) - 1))
+            skip_channels.append(sampler.out_channels)
+    units.append("mid_block")
+    layers.append(layer("mid_block", unet.mid_block, len(units) - 1))
+
+    # Decoder: resnets consume skips from the deepest; skip j's consumer belongs to unit j-1.
+    j = len(skip_channels) - 1
+    for bi, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for i, resnet in enumerate(block.resnets):
+            if j < 0:
+                raise UnsupportedModelError(f"{type(unet).__name__}: decoder has more resnets than encoder skips")
+            if resnet.in_channels <= skip_channels[j]:
+                raise UnsupportedModelError(
+                    f"up_blocks.{bi}.resnets.{i} takes {resnet.in_channels} channels, not a hidden state plus the "
+                    f"{skip_channels[j]}-channel skip {j}; unexpected UNet wiring"
+                )
+            member = j - 1 if j > 0 else None
+            layers.append(layer(f"up_blocks.{bi}.resnets.{i}", resnet, member, consumes=j, skip_channels=skip_channels[j]))
+            if attentions is not None:
+                layers.append(layer(f"up_blocks.{bi}.attentions.{i}", attentions[i], member))
+            j -= 1
+        for i, sampler in enumerate(block.upsamplers or []):
+            # It feeds the consumer of skip j (j+1 was just consumed), so it is part of F_j: unit j.
+            layers.append(layer(f"up_blocks.{bi}.upsamplers.{i}", sampler, j if j >= 0 else None))
+    if j != -1:
+        raise UnsupportedModelError(f"{type(unet).__name__}: {j + 1} encoder skips are never consumed by the decoder")
+    return units, layers
+
+
+def _is_unet(module: torch.nn.Module) -> bool:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    return isinstance(module, (UNet2DConditionModel, UNet2DModel))
+
+
+register_adapter("unet", _is_unet)(UNetAdapter)

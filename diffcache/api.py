@@ -1,0 +1,153 @@
+"""The public verbs: `accelerate`, `restore`, `accelerated`, `summary`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+from .adapters import Adapter, denoiser_of, resolve_adapter
+from .adapters.base import BLOCK
+from .errors import DiffcacheError, UnsupportedModelError
+from .runtime import CacheSummary, Executor, attach, detach, find_attachment
+from .schedule import Schedule
+from .schedules.presets import build_from_tag, parse_tag
+
+logger = logging.getLogger(__name__)
+
+Pipeline = TypeVar("Pipeline")
+ScheduleLike = Schedule | str | os.PathLike
+
+_VALIDATION_STEPS = 50  # step count at which a tag is built once up front, so bad tags fail in accelerate()
+
+
+def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[str] | None = None) -> Pipeline:
+    """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` and a ``scheduler``.
+        schedule: a `Schedule`, a path to a schedule JSON file, or a preset tag such as
+            ``"deepcache:interval=3,branch=0"``, ``"fora:interval=2"``, ``"uniform:interval=2"`` or ``"none"``.
+            A schedule made for another step count is resampled (presets exactly, searched plans with a warning).
+        units: glob patterns over the denoiser's module names (``"blocks.*"``) to cache those modules as whole
+            blocks, for denoisers no built-in adapter knows.
+
+    Calling it on an already accelerated pipeline replaces the plan. `restore` undoes it bit-exactly.
+
+    Raises:
+        ScheduleError: the schedule is malformed or does not fit this model.
+        UnsupportedModelError: no adapter applies to the denoiser (the message says how to pass ``units=``).
+    """
+    denoiser, scheduler = _parts(pipe)
+    adapter = resolve_adapter(denoiser, units)
+    plan_for, granularity = _plan_source(schedule, adapter)
+    detach(denoiser)
+    attach(denoiser, Executor(adapter, plan_for, scheduler, pipe), granularity)
+    logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
+    return pipe
+
+
+def restore(pipe: Pipeline) -> Pipeline:
+    """Remove every diffcache hook and wrapper from ``pipe`` (in place); outputs are bit-identical to never
+    having accelerated it, and cached tensors are freed. A pipeline that is not accelerated is left as is."""
+    denoiser, _ = _parts(pipe)
+    detach(denoiser)
+    return pipe
+
+
+@contextmanager
+def accelerated(pipe: Pipeline, schedule: ScheduleLike, **kwargs: Any) -> Iterator[Pipeline]:
+    """``with diffcache.accelerated(pipe, "deepcache:interval=3"): pipe(...)``; on exit the pipeline is back
+    to what it was before (unaccelerated, or its previous plan)."""
+    denoiser, _ = _parts(pipe)
+    previous = find_attachment(denoiser)
+    accelerate(pipe, schedule, **kwargs)
+    try:
+        yield pipe
+    finally:
+        detach(denoiser)
+        if previous is not None:
+            attach(denoiser, previous.executor, previous.granularity)
+
+
+def summary(pipe: Pipeline) -> CacheSummary:
+    """Per-unit/step compute and reuse counts of the last generation, cache memory, and the plan's CUR.
+
+    ``print(diffcache.summary(pipe))`` shows a table.
+
+    Raises:
+        DiffcacheError: ``pipe`` is not accelerated.
+    """
+    denoiser, _ = _parts(pipe)
+    attachment = find_attachment(denoiser)
+    if attachment is None:
+        raise DiffcacheError("this pipeline is not accelerated; call diffcache.accelerate(pipe, schedule) first")
+    executor = attachment.executor
+    stats, plan = executor.stats, executor.plan
+    if plan is None:
+        plan = executor.plan_for(_VALIDATION_STEPS)
+    return CacheSummary(
+        method=plan.method,
+        tag=plan.tag,
+        units=list(plan.units),
+        components=list(plan.components),
+        num_steps=plan.num_steps,
+        computed=stats.computed.copy(),
+        reused=stats.reused.copy(),
+        denoiser_calls=stats.calls,
+        generations=stats.generations,
+        planned_cache_usage_ratio=plan.cache_usage_ratio,
+        cache_bytes=executor.cache_bytes,
+        peak_cache_bytes=executor.peak_cache_bytes,
+    )
+
+
+def _parts(pipe: Any) -> tuple[torch.nn.Module, Any]:
+    denoiser = denoiser_of(pipe)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__} has no scheduler with set_timesteps(); diffcache counts steps through it"
+        )
+    return denoiser, scheduler
+
+
+def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[int], Schedule], str]:
+    """A per-step-count plan factory (validated now) and the granularity its plans use."""
+    if isinstance(schedule, str) and not _is_path(schedule):
+        parse_tag(schedule)
+        first = build_from_tag(schedule, adapter, _VALIDATION_STEPS)
+
+        def build(num_steps: int) -> Schedule:
+            return build_from_tag(schedule, adapter, num_steps)
+
+    else:
+        first = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
+
+        def build(num_steps: int) -> Schedule:
+            return first.resample(num_steps)
+
+    adapter.check_schedule(first)
+    plans: dict[int, Schedule] = {first.num_steps: first}
+
+    def plan_for(num_steps: int) -> Schedule:
+        if num_steps not in plans:
+            plans[num_steps] = build(num_steps)
+            adapter.check_schedule(plans[num_steps])
+        return plans[num_steps]
+
+    return plan_for, BLOCK if first.components == [BLOCK] else "component"
+
+
+def _is_path(text: str) -> bool:
+    return text.endswith(".json") or os.sep in text or os.path.exists(text)
+
+
+def _describe(schedule: ScheduleLike) -> str:
+    if isinstance(schedule, Schedule):
+        return schedule.tag or f"a {schedule.method} schedule ({schedule.num_steps} steps)"
+    return str(schedule)

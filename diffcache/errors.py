@@ -1,0 +1,23 @@
+"""Exceptions raised by diffcache.
+
+Every error subclasses :class:`DiffcacheError` and also the builtin it refines, so ``except ValueError``
+keeps working. Messages say what was found, what was expected, and what to do next.
+"""
+
+from __future__ import annotations
+
+
+class DiffcacheError(Exception):
+    """Base class of every diffcache error."""
+
+
+class ScheduleError(DiffcacheError, ValueError):
+    """A schedule (object, tag or JSON file) is malformed or does not fit the model it is applied to."""
+
+
+class UnsupportedModelError(DiffcacheError, TypeError):
+    """No adapter can describe this denoiser, or the model uses a feature the executor cannot cache."""
+
+
+class AccelerationStateError(DiffcacheError, RuntimeError):
+    """The accelerated pipeline is used in a way the executor cannot follow (e.g. its scheduler was swapped)."""

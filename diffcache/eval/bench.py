@@ -1,0 +1,134 @@
+"""Side-by-side speed and quality of schedules on one pipeline, in one process.
+
+Runs are alternated (full, method 1, method 2, ..., full, ...) after one warm-up each, and the median of
+wall and CPU time is reported, because a shared machine makes single timings unreliable. Two ideal speedups
+come from the cost model: the denoiser's MAC reduction turned into an end-to-end bound (Amdahl, with the
+measured denoiser share), and the measured latency of the reused modules taken off the full run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..adapters import BLOCK, denoiser_of, resolve_adapter
+from ..api import accelerate, restore
+from ..schedule import Schedule
+from ..schedules.presets import parse_tag
+from .cost import profile_latency, profile_macs
+
+
+FULL = "full"
+
+
+@dataclass
+class BenchRow:
+    """One method's numbers; speedups are relative to the full pipeline measured in the same process.
+
+    ``macs_speedup`` is the denoiser's MAC reduction; ``ideal_macs`` turns it into an end-to-end bound with the
+    denoiser's share of pipeline time (Amdahl); ``ideal_latency`` instead removes the measured time of the
+    reused modules, which also counts work without MACs (norms, gates) that reuse steps still do.
+    """
+
+    method: str
+    num_steps: int
+    wall_s: float
+    cpu_s: float
+    speedup: float
+    cpu_speedup: float
+    macs_speedup: float
+    ideal_macs: float
+    ideal_latency: float
+    psnr_db: float
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1]; ``inf`` for identical images."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def compare_methods(
+    pipe: Any,
+    make_kwargs: Callable[[], dict[str, Any]],
+    tags: Sequence[str],
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag; returns one row per method (full first).
+
+    ``make_kwargs`` must return fresh arguments with a fixed seed each time (same images for the same method).
+    The pipeline must call its denoiser once per step (batched CFG), as the built-in test pipelines do.
+    """
+    for tag in tags:
+        parse_tag(tag)
+    restore(pipe)
+    adapter = resolve_adapter(denoiser_of(pipe))
+    num_steps = make_kwargs()["num_inference_steps"]
+    schedules = {tag: Schedule.from_tag(tag, adapter, num_steps) for tag in tags}
+    granularities = {BLOCK if s.components == [BLOCK] else "component" for s in schedules.values()}
+    macs = {g: profile_macs(pipe, make_kwargs() | {"num_inference_steps": 1}, g) for g in granularities}
+    latency = {g: profile_latency(pipe, make_kwargs(), g) for g in granularities}
+
+    methods = [FULL, *tags]
+    images: dict[str, np.ndarray] = {}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for round_index in tqdm(range(repeats + 1), desc="bench rounds", disable=not progress):
+        for method in methods:  # round 0 is the warm-up; methods alternate within every round
+            if method == FULL:
+                restore(pipe)
+            else:
+                accelerate(pipe, schedules[method])
+            w0, c0 = time.perf_counter(), time.process_time()
+            out = pipe(**make_kwargs()).images
+            w1, c1 = time.perf_counter(), time.process_time()
+            if round_index == 0:
+                images[method] = np.asarray(out)
+            else:
+                wall[method].append(w1 - w0)
+                cpu[method].append(c1 - c0)
+    restore(pipe)
+
+    full_wall, full_cpu = statistics.median(wall[FULL]), statistics.median(cpu[FULL])
+    rows = []
+    for method in methods:
+        macs_speedup, ideal_macs, ideal_latency = 1.0, 1.0, 1.0
+        if method != FULL:
+            schedule = schedules[method]
+            g = BLOCK if schedule.components == [BLOCK] else "component"
+            macs_speedup = macs[g].speedup(schedule)
+            share = min(1.0, latency[g].total * num_steps / (full_wall * 1000))
+            ideal_macs = 1.0 / ((1.0 - share) + share / macs_speedup)
+            saved_s = (latency[g].total * num_steps - latency[g].step_cost(schedule).sum()) / 1000
+            ideal_latency = full_wall / (full_wall - saved_s)
+        w, c = statistics.median(wall[method]), statistics.median(cpu[method])
+        rows.append(
+            BenchRow(method, num_steps, w, c, full_wall / w, full_cpu / c, macs_speedup, ideal_macs, ideal_latency,
+                     psnr(images[method], images[FULL]))
+        )
+    return rows
+
+
+def format_table(title: str, rows: Sequence[BenchRow]) -> str:
+    """A markdown table of ``rows``."""
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | steps | median s | speedup | CPU-time speedup | MACs speedup (denoiser) | ideal e2e (MACs) "
+        "| of ideal (MACs) | ideal e2e (latency) | of ideal (latency) | PSNR dB vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {r.num_steps} | {r.wall_s:.3f} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | "
+            f"{r.macs_speedup:.2f}x | {r.ideal_macs:.2f}x | {r.speedup / r.ideal_macs:.0%} | "
+            f"{r.ideal_latency:.2f}x | {r.speedup / r.ideal_latency:.0%} | {r.psnr_db:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Cost model: MACs of each (unit, component) slot of a denoiser, and what a schedule saves.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` on one real denoiser call captured from the
+pipeline (so resolution, batch and CFG layout are the user's), attributed to modules by name. A schedule's
+cost at step ``k`` is the full call minus the slots it reuses (for a UNet the reused branch units; their
+modules do not run). "Theoretical speedup" is MACs(full) / MACs(schedule), separate from wall-clock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..adapters import BLOCK, Adapter, TransformerAdapter, UNetAdapter, denoiser_of, resolve_adapter
+from ..schedule import Schedule
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Cost of one denoiser call, total and per (unit, component) slot (``slot_cost[u, c]``).
+
+    ``measure`` is ``"macs"`` (from the FLOP counter) or ``"ms"`` (measured latency on this machine).
+    """
+
+    units: list[str]
+    components: list[str]
+    slot_cost: np.ndarray
+    total: float
+    measure: str
+
+    def step_cost(self, schedule: Schedule) -> np.ndarray:
+        """Cost of each step's denoiser call under ``schedule`` (one entry per step)."""
+        if schedule.units != self.units or schedule.components != self.components:
+            raise ValueError("the cost profile was measured for other units/components than the schedule's")
+        return self.total - (~schedule.recompute * self.slot_cost[None]).sum(axis=(1, 2))
+
+    def speedup(self, schedule: Schedule) -> float:
+        """Theoretical denoiser speedup: cost(all steps full) / cost(schedule)."""
+        return float(self.total * schedule.num_steps / self.step_cost(schedule).sum())
+
+
+def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOCK) -> CostProfile:
+    """Measure per-slot MACs of ``pipe``'s denoiser on the inputs of its first call in ``pipe(**call_kwargs)``.
+
+    The pipeline is run once to capture those inputs; pass a small ``num_inference_steps``. The pipeline must
+    not be accelerated.
+    """
+    denoiser = denoiser_of(pipe)
+    captured: list[tuple[tuple, dict]] = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True
+    )
+    try:
+        pipe(**call_kwargs)
+    finally:
+        handle.remove()
+    args, kwargs = captured[0]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        denoiser(*args, **kwargs)
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    prefix = type(denoiser).__name__
+    adapter = resolve_adapter(denoiser)
+    slots = slot_modules(adapter, granularity)
+    cost = np.zeros(_shape(adapter, granularity))
+    for (u, c), names in slots.items():
+        cost[u, c] = sum(flops.get(f"{prefix}.{name}", 0) for name in names) // 2
+    layout = adapter.layout(granularity)
+    return CostProfile(layout.units, layout.components, cost, flops[prefix] // 2, "macs")
+
+
+def profile_latency(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOCK) -> CostProfile:
+    """Measure per-slot wall time (ms per denoiser call, averaged over the calls of ``pipe(**call_kwargs)``).
+
+    Search can optimise this instead of MACs: elementwise work (norms, gates) has no MACs but costs time.
+    The timing hooks add a few microseconds per module; run a warm pipeline.
+    """
+    denoiser = denoiser_of(pipe)
+    adapter = resolve_adapter(denoiser)
+    modules = dict(denoiser.named_modules())
+    cost = np.zeros(_shape(adapter, granularity))
+    total = [0.0, 0]
+    handles = []
+
+    def timed(module: torch.nn.Module, add: Any) -> None:
+        start: list[float] = []
+        handles.append(module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter())))
+        handles.append(module.register_forward_hook(lambda *_: add(time.perf_counter() - start.pop())))
+
+    def add_slot(u: int, c: int) -> Any:
+        return lambda seconds: cost.__setitem__((u, c), cost[u, c] + seconds)
+
+    for (u, c), names in slot_modules(adapter, granularity).items():
+        for name in names:
+            timed(modules[name], add_slot(u, c))
+    timed(denoiser, lambda seconds: total.__setitem__(slice(None), [total[0] + seconds, total[1] + 1]))
+    try:
+        pipe(**call_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layout = adapter.layout(granularity)
+    calls = max(total[1], 1)
+    return CostProfile(layout.units, layout.components, cost * 1000 / calls, total[0] * 1000 / calls, "ms")
+
+
+def slot_modules(adapter: Adapter, granularity: str) -> dict[tuple[int, int], list[str]]:
+    """Names (relative to the denoiser) of the modules a reused (unit, component) slot does not run."""
+    slots: dict[tuple[int, int], list[str]] = {}
+    if isinstance(adapter, UNetAdapter):
+        for layer in adapter.layers:
+            if layer.member is not None:
+                slots.setdefault((layer.member, 0), []).append(layer.name)
+    elif isinstance(adapter, TransformerAdapter):
+        components = adapter.layout(granularity).components
+        for u, unit in enumerate(adapter.units):
+            if granularity == BLOCK:
+                slots[u, 0] = [unit.name]
+                continue
+            for c, component in enumerate(components):
+                if component in unit.components:
+                    slots[u, c] = [f"{unit.name}.{component}"]
+    return slots
+
+
+def _shape(adapter: Adapter, granularity: str) -> tuple[int, int]:
+    layout = adapter.layout(granularity)
+    return len(layout.units), len(layout.components)

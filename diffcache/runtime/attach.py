@@ -1,0 +1,126 @@
+"""The one attach/detach pair: every diffcache hook and wrapper goes on and comes off here.
+
+Hooks live in diffusers' per-module ``HookRegistry`` under the names below; the scheduler *instance* gets
+wrapped ``set_timesteps``/``step`` attributes (never its class). ``detach`` removes exactly what ``attach``
+added, deletes registries and ``forward`` attributes that only diffcache created, and invalidates the
+registries' cached child lists (diffusers' ``apply_*`` functions forget that, see STYLE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from ..adapters.dit import TransformerAdapter
+from ..adapters.unet import UNetAdapter
+from .executor import Executor
+from .hooks import BlockHook, ComponentHook, DenoiserHook, UNetLayerHook
+
+logger = logging.getLogger(__name__)
+
+LEADER_HOOK = "diffcache.denoiser"
+UNIT_HOOK = "diffcache.unit"
+COMPONENT_HOOK = "diffcache.component"
+_SCHEDULER_METHODS = ("set_timesteps", "step")
+
+
+@dataclass
+class Attachment:
+    """What `attach` changed, so `detach` can undo exactly that."""
+
+    executor: Executor
+    granularity: str
+    hooked: list[tuple[torch.nn.Module, str, bool]] = field(default_factory=list)  # module, hook, new registry
+    scheduler_saved: dict[str, Any] = field(default_factory=dict)
+
+
+def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> Attachment:
+    """Install the leader hook, the unit/component hooks for ``granularity`` and the scheduler wrapper."""
+    attachment = Attachment(executor, granularity)
+    adapter = executor.adapter
+    leader = DenoiserHook(executor)
+    leader.attachment = attachment
+    _register(attachment, denoiser, leader, LEADER_HOOK)
+    if isinstance(adapter, UNetAdapter):
+        for layer in adapter.layers:
+            _register(attachment, layer.module, UNetLayerHook(executor, layer), UNIT_HOOK)
+    elif isinstance(adapter, TransformerAdapter):
+        for u, unit in enumerate(adapter.units):
+            if granularity == "block":
+                _register(attachment, unit.module, BlockHook(executor, u, unit), UNIT_HOOK)
+                continue
+            for c, name in enumerate(adapter.component_names):
+                if name in unit.components:
+                    _register(attachment, unit.components[name], ComponentHook(executor, u, c), COMPONENT_HOOK)
+    else:  # pragma: no cover - every shipped adapter is one of the two families
+        raise TypeError(f"no hook plan for adapter {type(adapter).__name__}")
+    HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+    _wrap_scheduler(attachment)
+    logger.debug("diffcache: %d hooks attached to %s", len(attachment.hooked), type(denoiser).__name__)
+    return attachment
+
+
+def find_attachment(denoiser: torch.nn.Module) -> Attachment | None:
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    hook = registry.get_hook(LEADER_HOOK) if registry is not None else None
+    return hook.attachment if hook is not None else None
+
+
+def detach(denoiser: torch.nn.Module) -> Executor | None:
+    """Remove everything `attach` added to ``denoiser``; returns its executor, or None if nothing was attached."""
+    attachment = find_attachment(denoiser)
+    if attachment is None:
+        return None
+    for module, name, created in reversed(attachment.hooked):
+        registry = module._diffusers_hook
+        registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            # remove_hook leaves the original bound method as an instance attribute; drop it.
+            if getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
+                del module.forward
+            if created:
+                del module._diffusers_hook
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+    scheduler = attachment.executor.scheduler
+    for method in _SCHEDULER_METHODS:
+        if method in attachment.scheduler_saved:
+            setattr(scheduler, method, attachment.scheduler_saved[method])
+        else:
+            scheduler.__dict__.pop(method, None)
+    attachment.executor.release()
+    return attachment.executor
+
+
+def _register(attachment: Attachment, module: torch.nn.Module, hook: Any, name: str) -> None:
+    created = not hasattr(module, "_diffusers_hook")
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    attachment.hooked.append((module, name, created))
+
+
+def _wrap_scheduler(attachment: Attachment) -> None:
+    executor = attachment.executor
+    scheduler = executor.scheduler
+    attachment.scheduler_saved = {m: scheduler.__dict__[m] for m in _SCHEDULER_METHODS if m in scheduler.__dict__}
+    original_set, original_step = scheduler.set_timesteps, scheduler.step
+
+    @functools.wraps(original_set)
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        result = original_set(*args, **kwargs)
+        executor.start_generation(len(scheduler.timesteps))
+        return result
+
+    @functools.wraps(original_step)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        result = original_step(*args, **kwargs)
+        executor.end_step()
+        return result
+
+    scheduler.set_timesteps = set_timesteps
+    scheduler.step = step

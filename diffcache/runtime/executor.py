@@ -1,0 +1,194 @@
+"""The executor: turns a `Schedule` into per-call decisions that the hooks obey.
+
+Step bookkeeping (ARCHITECTURE section 3): a generation starts when the pipeline's scheduler gets
+``set_timesteps`` and a step ends when the scheduler's ``step`` is called; every denoiser call in between
+belongs to the same step. Steps are network-call order, never timestep values (second-order solvers repeat
+timesteps). Denoiser calls within one step are CFG branches: each gets its own `CacheStore`, named by
+diffusers' ``cache_context`` when the pipeline sets one, else by call position (``call0``, ``call1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..adapters.base import Adapter
+from ..errors import AccelerationStateError
+from ..schedule import Schedule
+from .stats import StatsRecorder
+from .store import CacheStore
+
+logger = logging.getLogger(__name__)
+
+
+class Executor:
+    """Per-pipeline state of an accelerated denoiser: the plan for this generation, caches and counters.
+
+    Args:
+        adapter: describes the denoiser's units/components.
+        plan_for: returns the (validated) schedule for a step count.
+        scheduler: the scheduler instance whose ``set_timesteps``/``step`` drive the step counter.
+        pipe: the pipeline (held weakly) whose ``scheduler`` attribute must stay that instance.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        plan_for: Callable[[int], Schedule],
+        scheduler: Any,
+        pipe: Any | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.plan_for = plan_for
+        self.scheduler = scheduler
+        self._pipe = weakref.ref(pipe) if pipe is not None else None
+        self.stats = StatsRecorder(len(adapter.unit_names))
+        self.stores: dict[str, CacheStore] = {}
+        self.cache_bytes = 0
+        self.peak_cache_bytes = 0
+        self.plan: Schedule | None = None
+        self._rows: list[list[list[bool]]] = []
+        self.needed: list[list[bool]] = []
+        self.step = 0
+        self._calls_in_step = 0
+        self._warned: set[str] = set()
+        # Set for the duration of one denoiser call:
+        self.in_call = False
+        self.store: CacheStore = CacheStore()
+        self.row: list[list[bool]] = []
+        self.branch: int | None = None
+
+    # ------------------------------------------------------------------------------------- generation
+    def start_generation(self, num_steps: int) -> None:
+        """Called after ``scheduler.set_timesteps``: new plan, empty caches, step 0."""
+        self.plan = self.plan_for(num_steps)
+        self._rows = self.plan.recompute.tolist()
+        if self.adapter.family == "unet":
+            self.needed = [[False] for _ in self.plan.units]
+            for row in self._rows:
+                branch = _first_reuse(row)
+                if branch is not None:
+                    self.needed[branch][0] = True
+        else:
+            self.needed = (~self.plan.recompute).any(axis=0).tolist()
+        self.release()
+        self.stats.start(self.plan.num_steps)
+        self.step = 0
+        self._calls_in_step = 0
+        self._warned.clear()
+
+    def end_step(self) -> None:
+        """Called after ``scheduler.step``; after the plan's last step the caches are of no further use."""
+        self.step += 1
+        self._calls_in_step = 0
+        if self.plan is not None and self.step == self.plan.num_steps:
+            self.release()
+
+    def release(self) -> None:
+        """Free every cached tensor (the generation is over, or the plan is being removed)."""
+        for store in self.stores.values():
+            self.cache_bytes -= store.clear()
+        self.stores.clear()
+
+    # -------------------------------------------------------------------------------------- one call
+    def begin_call(self, args: tuple, kwargs: dict, context: str | None) -> bool:
+        """Prepare the decisions for one denoiser call; returns False when the call runs uncached."""
+        if self._pipe is not None:
+            pipe = self._pipe()
+            if pipe is not None and getattr(pipe, "scheduler", self.scheduler) is not self.scheduler:
+                raise AccelerationStateError(
+                    f"pipe.scheduler was replaced ({type(pipe.scheduler).__name__}) after diffcache.accelerate; "
+                    "diffcache counts steps through the scheduler it wrapped. Call diffcache.accelerate(pipe, "
+                    "schedule) again after changing the scheduler"
+                )
+        if self.plan is None:
+            self.warn_once(
+                "no-generation",
+                "denoiser called before any scheduler.set_timesteps; running it without caching "
+                "(diffcache counts steps from the pipeline's scheduler)",
+            )
+            return False
+        name = context if context is not None else f"call{self._calls_in_step}"
+        self._calls_in_step += 1
+        self.store = self.stores.setdefault(name, CacheStore())
+        signature = _signature(args, kwargs)
+        if self.store.signature != signature:
+            if self.store.values:
+                self.warn_once(
+                    f"invalidate-{name}",
+                    f"denoiser inputs changed within a generation (batch size, resolution, dtype or device) for "
+                    f"branch {name!r}; its cached features are dropped and recomputed",
+                )
+                self.cache_bytes -= self.store.clear()
+            self.store.signature = signature
+        if self.step < self.plan.num_steps:
+            self.row = self._rows[self.step]
+        else:
+            self.warn_once(
+                "past-end",
+                f"the denoiser ran more steps ({self.step + 1}) than the schedule has ({self.plan.num_steps}); "
+                "extra steps recompute everything",
+            )
+            self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
+        self.branch = self._unet_branch() if self.adapter.family == "unet" else None
+        self.stats.calls += 1
+        self.in_call = True
+        return True
+
+    def end_call(self) -> None:
+        self.in_call = False
+        self.branch = None
+
+    def _unet_branch(self) -> int | None:
+        """The shallowest reused branch whose feature is cached; deeper units are skipped with it."""
+        first = _first_reuse(self.row)
+        branch = None
+        if first is not None:
+            for unit in range(first, len(self.row)):
+                if ("F", unit) in self.store:
+                    branch = unit
+                    break
+            if branch != first:
+                self.warn_missing(self.plan.units[first])
+        recorded = branch if branch is not None else len(self.row)
+        self.stats.record(self.step, slice(0, recorded), computed=True)
+        self.stats.record(self.step, slice(recorded, None), computed=False)
+        return branch
+
+    # ----------------------------------------------------------------------------------------- cache
+    def put(self, key: Any, value: Any) -> None:
+        self.cache_bytes += self.store.put(key, value)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+
+    def warn_missing(self, what: str) -> None:
+        self.warn_once(
+            f"missing-{what}",
+            f"schedule reuses {what} at step {self.step} but nothing is cached for it in this branch/shape; "
+            "recomputing it instead",
+        )
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+
+def _first_reuse(row: list[list[bool]]) -> int | None:
+    for unit, bits in enumerate(row):
+        if not bits[0]:
+            return unit
+    return None
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes, dtypes and devices of the tensor inputs: what a cached feature is only valid for."""
+    items = list(enumerate(args)) + list(kwargs.items())
+    return tuple(
+        (key, tuple(value.shape), value.dtype, value.device)
+        for key, value in items
+        if isinstance(value, torch.Tensor)
+    )

@@ -1,0 +1,172 @@
+"""The hooks: one leader on the denoiser decides per call, followers on units/components obey.
+
+All hooks subclass diffusers' ``ModelHook`` and are attached per instance through `runtime.attach`. Only the
+leader is stateful (it owns the executor's per-generation caches); followers read the executor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+
+from ..adapters.dit import TransformerUnit
+from ..adapters.unet import UNetLayer
+from ..errors import AccelerationStateError
+from .executor import Executor
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class ContextTracker(StateManager):
+    """Receives diffusers' ``cache_context("cond"/"uncond")`` so split-CFG calls get their own caches.
+
+    diffusers' ``_set_cache_context`` pushes the context into every ``StateManager`` attribute of the stateful
+    hooks under the model, which is how a pipeline's ``with transformer.cache_context(...)`` reaches us.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoState)
+
+    @property
+    def name(self) -> str | None:
+        return self._context.name if self._context is not None else None
+
+
+class DenoiserHook(ModelHook):
+    """Leader on the denoiser: opens and closes each call's decisions."""
+
+    _is_stateful = True
+
+    def __init__(self, executor: Executor) -> None:
+        super().__init__()
+        self.executor = executor
+        self.contexts = ContextTracker()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.executor.begin_call(args, kwargs, self.contexts.name):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.executor.end_call()
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # diffusers calls this at the end of a pipeline call (maybe_free_model_hooks): free the caches.
+        self.executor.release()
+        return module
+
+
+class ComponentHook(ModelHook):
+    """Caches a transformer block's sub-module output (pre-gate) and serves it on reuse steps."""
+
+    def __init__(self, executor: Executor, unit: int, component: int) -> None:
+        super().__init__()
+        self.executor, self.unit, self.component = executor, unit, component
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ex = self.executor
+        if not ex.in_call:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        key = (self.unit, self.component)
+        if not ex.row[self.unit][self.component]:
+            if key in ex.store:
+                ex.stats.record(ex.step, self.unit, computed=False)
+                return ex.store.get(key)
+            ex.warn_missing(f"{ex.plan.units[self.unit]}.{ex.plan.components[self.component]}")
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        ex.stats.record(ex.step, self.unit, computed=True)
+        if ex.needed[self.unit][self.component]:
+            ex.put(key, output)
+        return output
+
+
+class BlockHook(ModelHook):
+    """Caches a block's residual (output minus input, per stream); a reuse step adds it to the current input."""
+
+    def __init__(self, executor: Executor, unit: int, spec: TransformerUnit) -> None:
+        super().__init__()
+        self.executor, self.unit, self.spec = executor, unit, spec
+        # The input stream each output element updates; a plain tensor output updates the first input.
+        self.streams = spec.outputs or (next(iter(spec.input_positions)),)
+
+    def _input(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        if name in kwargs:
+            return kwargs[name]
+        position = self.spec.input_positions[name]
+        if position < len(args):
+            return args[position]
+        raise AccelerationStateError(f"{self.spec.name} was called without its {name!r} input")
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ex = self.executor
+        if not ex.in_call:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        key, streams = (self.unit, 0), self.streams
+        if not ex.row[self.unit][0]:
+            if key in ex.store:
+                ex.stats.record(ex.step, self.unit, computed=False)
+                deltas = ex.store.get(key)
+                outputs = tuple(
+                    None if d is None else self._input(s, args, kwargs) + d for s, d in zip(streams, deltas)
+                )
+                return outputs if self.spec.outputs is not None else outputs[0]
+            ex.warn_missing(self.spec.name)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        ex.stats.record(ex.step, self.unit, computed=True)
+        if ex.needed[self.unit][0]:
+            outputs = output if self.spec.outputs is not None else (output,)
+            if not isinstance(outputs, tuple) or len(outputs) != len(streams) or not all(
+                o is None or isinstance(o, torch.Tensor) for o in outputs
+            ):
+                raise AccelerationStateError(
+                    f"{self.spec.name} ({type(module).__name__}) returned {type(output).__name__}; block caching "
+                    "needs a tensor shaped like its first input. Choose other units= or a known block class"
+                )
+            ex.put(key, tuple(None if o is None else o - self._input(s, args, kwargs) for s, o in zip(streams, outputs)))
+        return output
+
+
+class UNetLayerHook(ModelHook):
+    """A UNet module inside a DeepCache branch: skipped when its unit is cached, and, for the decoder resnet
+    consuming skip ``j``, the place where the branch feature ``F_j`` is captured and injected."""
+
+    def __init__(self, executor: Executor, layer: UNetLayer) -> None:
+        super().__init__()
+        self.executor, self.layer = executor, layer
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ex, layer = self.executor, self.layer
+        branch = ex.branch if ex.in_call else None
+        if branch is not None and layer.member is not None and layer.member >= branch:
+            return self._placeholder(args, kwargs)
+        j = layer.consumes
+        if j is not None and ex.in_call:
+            x = args[0]
+            if j == branch:
+                if x.shape[1] != layer.skip_channels:
+                    raise AccelerationStateError(
+                        f"{layer.name} got {x.shape[1]} channels on a cached step, expected the "
+                        f"{layer.skip_channels}-channel skip alone; the UNet's forward differs from diffusers'"
+                    )
+                args = (torch.cat([ex.store.get(("F", j)), x], dim=1), *args[1:])
+            elif ex.needed[j][0]:
+                ex.put(("F", j), x[:, : x.shape[1] - layer.skip_channels].clone())
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _placeholder(self, args: tuple, kwargs: dict) -> Any:
+        # A zero-channel view keeps batch and spatial size, so the UNet's concatenations still line up and the
+        # decoder layer consuming the cached branch receives exactly its fresh skip tensor.
+        x = args[0] if args else kwargs["hidden_states"]
+        empty = x[:, :0]
+        if not self.layer.wraps_output:
+            return empty
+        if kwargs.get("return_dict", True) is False:
+            return (empty,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=empty)

@@ -1,0 +1,88 @@
+"""What the executor did: per (step, unit) compute/reuse counts and cache memory, for `diffcache.summary`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CacheSummary:
+    """Counters of the most recent generation of an accelerated pipeline.
+
+    Attributes:
+        computed, reused: ``(num_steps, num_units)`` counts of (component x CFG-branch) slots that ran / were
+            served from the cache at each step.
+        planned_cache_usage_ratio: the schedule's CUR; ``cache_usage_ratio`` is what really happened (lower
+            when a cache read found nothing, e.g. after a batch-size change).
+        cache_bytes, peak_cache_bytes: bytes of cached tensors held now / at most since `accelerate`.
+    """
+
+    method: str
+    tag: str | None
+    units: list[str]
+    components: list[str]
+    num_steps: int
+    computed: np.ndarray
+    reused: np.ndarray
+    denoiser_calls: int
+    generations: int
+    planned_cache_usage_ratio: float
+    cache_bytes: int
+    peak_cache_bytes: int
+
+    @property
+    def cache_usage_ratio(self) -> float:
+        total = self.computed.sum() + self.reused.sum()
+        return float(self.reused.sum() / total) if total else 0.0
+
+    @property
+    def hits(self) -> int:
+        return int(self.reused.sum())
+
+    def __str__(self) -> str:
+        name = self.tag or self.method
+        lines = [
+            f"diffcache: {name}  ({self.num_steps} steps, {len(self.units)} units x {self.components}, "
+            f"{self.generations} generations, {self.denoiser_calls} denoiser calls in the last)",
+            f"cache usage: planned {self.planned_cache_usage_ratio:.1%}, actual {self.cache_usage_ratio:.1%}; "
+            f"cache memory now {_mib(self.cache_bytes)}, peak {_mib(self.peak_cache_bytes)}",
+        ]
+        width = max(len(u) for u in self.units)
+        lines.append(f"{'unit':<{width}}  computed  reused  per step (C computed, r reused, . partly, - not run)")
+        for u, unit in enumerate(self.units):
+            marks = "".join(_mark(c, r) for c, r in zip(self.computed[:, u], self.reused[:, u]))
+            lines.append(f"{unit:<{width}}  {int(self.computed[:, u].sum()):>8}  {int(self.reused[:, u].sum()):>6}  {marks}")
+        return "\n".join(lines)
+
+
+def _mark(computed: int, reused: int) -> str:
+    if computed and reused:
+        return "."
+    return "C" if computed else ("r" if reused else "-")
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.2f} MiB"
+
+
+class StatsRecorder:
+    """Counts compute/reuse events of the current generation."""
+
+    def __init__(self, num_units: int) -> None:
+        self.num_units = num_units
+        self.computed = np.zeros((0, num_units), dtype=np.int64)
+        self.reused = np.zeros((0, num_units), dtype=np.int64)
+        self.generations = 0
+        self.calls = 0
+
+    def start(self, num_steps: int) -> None:
+        self.computed = np.zeros((num_steps, self.num_units), dtype=np.int64)
+        self.reused = np.zeros((num_steps, self.num_units), dtype=np.int64)
+        self.generations += 1
+        self.calls = 0
+
+    def record(self, step: int, unit: int | slice, computed: bool) -> None:
+        if step < len(self.computed):
+            (self.computed if computed else self.reused)[step, unit] += 1

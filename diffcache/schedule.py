@@ -1,0 +1,302 @@
+"""`Schedule`: the one serializable cache plan every diffcache method produces and the executor runs.
+
+A schedule is a boolean tensor ``recompute[step, unit, component]`` (ARCHITECTURE section 2):
+``step`` is the network-call order in one generation (0 = noisiest), ``unit`` a transformer block or a
+UNet skip branch, ``component`` a cached sub-module (``attn1``, ``ff``...) or ``"block"``. ``True`` runs the
+slot and refreshes its cache, ``False`` reuses the cached output. Step 0 is always ``True``.
+
+On disk it is versioned JSON with one line per step, units separated by spaces and one character per
+component (``1`` recompute, ``0`` reuse, ``-`` the unit has no such component), so two schedules diff well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ScheduleError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "diffcache.schedule/1"
+_BIT_CHARS = {"1": True, "0": False, "-": None}
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A static cache plan: which (step, unit, component) slots recompute and which reuse the cache.
+
+    Args:
+        recompute: bool array of shape ``(num_steps, len(units), len(components))``.
+        units: unit names as the model's adapter reports them (e.g. ``"transformer_blocks.3"``).
+        components: component names (``["block"]`` for block/branch-level caching).
+        method: the method that produced the plan (a preset name such as ``"deepcache"``, or a search method).
+        params: the method's parameters; for presets they regenerate the plan at another step count.
+        model: ``{"class": ..., "fingerprint": ...}`` of the denoiser the plan was made for, or ``None``.
+        meta: free-form JSON-native metadata (search scores, resolution, ...).
+        present: bool array ``(len(units), len(components))``; ``False`` where a unit lacks a component
+            (Flux single blocks have no ``ff_context``). ``None`` means every slot exists.
+
+    Raises:
+        ScheduleError: wrong shape or dtype, duplicate names, a reuse at step 0, or a reuse in an absent slot.
+    """
+
+    recompute: np.ndarray
+    units: list[str]
+    components: list[str]
+    method: str = "custom"
+    params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    present: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        recompute = np.asarray(self.recompute)
+        if recompute.dtype != np.bool_:
+            if recompute.size and not np.isin(recompute, (0, 1)).all():
+                raise ScheduleError(
+                    f"recompute must hold booleans (True = recompute, False = reuse); got dtype {recompute.dtype} "
+                    "with values other than 0/1"
+                )
+            recompute = recompute.astype(bool)
+        units, components = list(self.units), list(self.components)
+        expected = (len(units), len(components))
+        if recompute.ndim != 3 or recompute.shape[1:] != expected or recompute.shape[0] < 1:
+            raise ScheduleError(
+                f"recompute has shape {tuple(recompute.shape)}, expected (num_steps >= 1, {expected[0]} units, "
+                f"{expected[1]} components) for units {_abbrev(units)} and components {components}"
+            )
+        for kind, names in (("unit", units), ("component", components)):
+            if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                raise ScheduleError(f"{kind} names must be unique non-empty strings, got {_abbrev(names)}")
+        present = None if self.present is None else np.asarray(self.present, dtype=bool)
+        if present is not None:
+            if present.shape != expected:
+                raise ScheduleError(f"present has shape {present.shape}, expected {expected}")
+            if not present.any(axis=1).all():
+                raise ScheduleError("every unit needs at least one present component")
+            absent_reuse = ~recompute & ~present[None]
+            if absent_reuse.any():
+                step, unit, comp = np.argwhere(absent_reuse)[0]
+                raise ScheduleError(
+                    f"step {step}: unit {units[unit]!r} has no component {components[comp]!r}, so it cannot be "
+                    "reused; mark absent slots True (or '-' in JSON)"
+                )
+            if present.all():
+                present = None
+        if not recompute[0].all():
+            unit = int(np.argwhere(~recompute[0])[0][0])
+            raise ScheduleError(
+                f"step 0 reuses unit {units[unit]!r}, but nothing is cached before the first step; "
+                "step 0 must recompute every slot"
+            )
+        recompute = recompute.copy()
+        recompute.flags.writeable = False
+        object.__setattr__(self, "recompute", recompute)
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "present", present)
+        object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # ----------------------------------------------------------------------------------------- derived numbers
+    @property
+    def num_steps(self) -> int:
+        """Number of denoiser steps (network calls per CFG branch) the plan covers."""
+        return int(self.recompute.shape[0])
+
+    @property
+    def present_mask(self) -> np.ndarray:
+        """``(units, components)`` bool mask of slots that exist."""
+        if self.present is None:
+            return np.ones(self.recompute.shape[1:], dtype=bool)
+        return self.present
+
+    @property
+    def cache_usage_ratio(self) -> float:
+        """Fraction of existing (step, unit, component) slots that reuse the cache (CUR, as in L2C/HarmoniCa)."""
+        slots = np.broadcast_to(self.present_mask, self.recompute.shape)
+        return float((~self.recompute & slots).sum() / slots.sum())
+
+    @property
+    def recompute_fraction(self) -> float:
+        """``1 - cache_usage_ratio``: the fraction of slots that run."""
+        return 1.0 - self.cache_usage_ratio
+
+    @property
+    def tag(self) -> str | None:
+        """The preset tag that regenerates this plan (``"deepcache:interval=3,branch=0"``), or ``None``."""
+        from .schedules.presets import format_tag, is_preset
+
+        return format_tag(self.method, self.params) if is_preset(self.method) else None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return (
+            f"Schedule(method={self.method!r}, params={self.params}, num_steps={self.num_steps}, "
+            f"units={len(self.units)}, components={self.components}, cache_usage_ratio={self.cache_usage_ratio:.3f})"
+        )
+
+    # -------------------------------------------------------------------------------------------- transforms
+    def resample(self, num_steps: int) -> Schedule:
+        """Return the plan for another step count (a new object; this one is unchanged).
+
+        Presets are regenerated exactly from their parameters. Other plans (searched ones) are mapped on the
+        normalized time axis: old step ``k`` lands on new step ``floor(k * num_steps / self.num_steps)``, a
+        new step recomputes a slot if any old step landing on it did, and step 0 always recomputes. Going to
+        fewer steps therefore keeps every refresh (more recompute, never less); going to more steps keeps the
+        refreshes at the same relative times. A warning is logged because a searched plan was optimized for
+        its own step count.
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ScheduleError(f"num_steps must be a positive int, got {num_steps!r}")
+        if num_steps == self.num_steps:
+            return self
+        from .schedules.presets import is_preset, regenerate
+
+        if is_preset(self.method):
+            return regenerate(self, num_steps)
+        logger.warning(
+            "Schedule %r was made for %d steps and is resampled to %d; it was not searched for this step count, "
+            "re-run `diffcache search` at %d steps for the best quality/speed.",
+            self.method, self.num_steps, num_steps, num_steps,
+        )
+        new = np.zeros((num_steps,) + self.recompute.shape[1:], dtype=bool)
+        targets = (np.arange(self.num_steps) * num_steps) // self.num_steps
+        for old, target in enumerate(targets):
+            new[target] |= self.recompute[old]
+        new[0] = True
+        new |= ~self.present_mask[None]
+        meta = dict(self.meta, resampled_from=self.num_steps)
+        return Schedule(new, self.units, self.components, self.method, self.params, self.model, meta, self.present)
+
+    # --------------------------------------------------------------------------------------- serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native dict (``"format": "diffcache.schedule/1"``), one bit string per step."""
+        present = self.present_mask
+        steps = []
+        for row in self.recompute:
+            steps.append(
+                " ".join(
+                    "".join(("1" if bit else "0") if has else "-" for bit, has in zip(unit_bits, unit_present))
+                    for unit_bits, unit_present in zip(row, present)
+                )
+            )
+        return {
+            "format": FORMAT,
+            "method": self.method,
+            "params": self.params,
+            "model": self.model,
+            "units": self.units,
+            "components": self.components,
+            "num_steps": self.num_steps,
+            "steps": steps,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Schedule:
+        """Inverse of :meth:`to_dict`; rejects unknown formats and malformed bit strings with `ScheduleError`."""
+        if not isinstance(data, dict):
+            raise ScheduleError(f"a schedule must be a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise ScheduleError(f"unknown schedule format {fmt!r}; this diffcache reads {FORMAT!r}")
+        missing = [k for k in ("units", "components", "steps") if k not in data]
+        if missing:
+            raise ScheduleError(f"schedule is missing {missing}; expected keys units, components, steps")
+        units, components, steps = data["units"], data["components"], data["steps"]
+        if not (isinstance(units, list) and isinstance(components, list) and isinstance(steps, list) and steps):
+            raise ScheduleError("units and components must be lists and steps a non-empty list of bit strings")
+        if "num_steps" in data and data["num_steps"] != len(steps):
+            raise ScheduleError(f"num_steps says {data['num_steps']} but {len(steps)} step lines are given")
+        recompute = np.zeros((len(steps), len(units), len(components)), dtype=bool)
+        present = None
+        for k, line in enumerate(steps):
+            groups = line.split() if isinstance(line, str) else None
+            if groups is None or len(groups) != len(units) or any(len(g) != len(components) for g in groups):
+                raise ScheduleError(
+                    f"step {k}: expected {len(units)} space-separated groups of {len(components)} characters "
+                    f"from '1', '0', '-', got {line!r}"
+                )
+            bits = [[_BIT_CHARS.get(ch, "bad") for ch in group] for group in groups]
+            if any(b == "bad" for group in bits for b in group):
+                raise ScheduleError(f"step {k}: only '1', '0' and '-' are allowed, got {line!r}")
+            step_present = np.array([[b is not None for b in group] for group in bits])
+            if present is None:
+                present = step_present
+            elif not np.array_equal(present, step_present):
+                raise ScheduleError(f"step {k}: '-' (absent component) positions differ from step 0")
+            recompute[k] = [[b is not False for b in group] for group in bits]
+        return cls(
+            recompute=recompute,
+            units=units,
+            components=components,
+            method=str(data.get("method", "custom")),
+            params=dict(data.get("params") or {}),
+            model=data.get("model"),
+            meta=dict(data.get("meta") or {}),
+            present=present,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON (atomically: a crash never leaves a half-written file)."""
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a plan written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ScheduleError: the file is not valid schedule JSON.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no schedule file at {os.fspath(path)!r}; pass an existing JSON path or a preset tag "
+                "such as 'deepcache:interval=3'"
+            ) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ScheduleError(f"{os.fspath(path)!r} is not valid JSON ({err}); was the file truncated?") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_tag(cls, tag: str, model: torch.nn.Module | Any, num_steps: int = 50) -> Schedule:
+        """Build a preset plan for a denoiser (or an adapter): ``Schedule.from_tag("fora:interval=3", pipe.transformer)``.
+
+        Tags: ``"none"``, ``"uniform:interval=N"``, ``"deepcache:interval=N,branch=B"``,
+        ``"deepcache:interval=N,mode=quadratic"``, ``"fora:interval=N"``; see `diffcache.schedules.presets`.
+        """
+        from .adapters import resolve_adapter
+        from .schedules.presets import build_from_tag
+
+        adapter = model if hasattr(model, "layout") else resolve_adapter(model)
+        return build_from_tag(tag, adapter, num_steps)
+
+
+def _abbrev(names: list[Any], limit: int = 6) -> str:
+    names = list(names)
+    if len(names) <= limit:
+        return str(names)
+    return f"[{', '.join(map(repr, names[:3]))}, ..., {', '.join(map(repr, names[-2:]))}] ({len(names)})"

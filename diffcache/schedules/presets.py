@@ -1,0 +1,234 @@
+"""Preset schedules and their tags: ``"none"``, ``"uniform:interval=N"``, ``"deepcache:interval=N,branch=B"``,
+``"deepcache:interval=N,mode=quadratic"``, ``"fora:interval=N"``.
+
+A tag is ``name[:key=value,...]``. Presets register with :func:`register_preset`; the parameters a tag may
+set are the keyword arguments of the registered function (typed by their defaults), so adding a preset never
+means editing a parser. A schedule made from a preset keeps ``method``/``params`` and is regenerated exactly
+at another step count.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..adapters.base import BLOCK, Adapter, Layout
+from ..errors import ScheduleError
+from ..schedule import Schedule
+
+if TYPE_CHECKING:
+    pass
+
+PresetFn = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Preset:
+    fn: PresetFn
+    granularity: str  # "block" or "component"; a ``granularity`` parameter of fn overrides it
+    families: tuple[str, ...]
+    defaults: dict[str, Any]
+
+
+_PRESETS: dict[str, _Preset] = {}
+
+
+def register_preset(
+    name: str, granularity: str = BLOCK, families: tuple[str, ...] = ("unet", "transformer")
+) -> Callable[[PresetFn], PresetFn]:
+    """Register ``fn(layout, num_steps, **params) -> recompute`` under ``name`` for model ``families``."""
+
+    def decorate(fn: PresetFn) -> PresetFn:
+        if name in _PRESETS:
+            raise ValueError(f"preset {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters.values())[2:]
+        defaults = {p.name: p.default for p in params}
+        _PRESETS[name] = _Preset(fn, granularity, families, defaults)
+        return fn
+
+    return decorate
+
+
+def is_preset(method: str) -> bool:
+    return method in _PRESETS
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def format_tag(method: str, params: dict[str, Any]) -> str:
+    return method + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+
+
+def parse_tag(tag: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"deepcache:interval=3,branch=0"`` into the preset name and typed parameters."""
+    if not isinstance(tag, str) or not tag.strip():
+        raise ScheduleError(f"a schedule tag must be a non-empty string, got {tag!r}")
+    name, _, rest = tag.strip().partition(":")
+    if name not in _PRESETS:
+        raise ScheduleError(
+            f"unknown schedule tag {name!r}; known presets: {preset_names()} (or pass a Schedule or a JSON path)"
+        )
+    preset = _PRESETS[name]
+    params: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in preset.defaults:
+            raise ScheduleError(f"tag {tag!r}: {item!r} is not key=value with key in {sorted(preset.defaults)}")
+        default = preset.defaults[key]
+        kind = type(default) if default is not None else int
+        try:
+            params[key] = kind(value)
+        except ValueError:
+            raise ScheduleError(f"tag {tag!r}: {key} must be {kind.__name__}, got {value!r}") from None
+    return name, params
+
+
+def _granularity(preset: _Preset, params: dict[str, Any]) -> str:
+    return params.get("granularity", preset.defaults.get("granularity", preset.granularity))
+
+
+def build_from_tag(tag: str, adapter: Adapter, num_steps: int) -> Schedule:
+    """The preset plan ``tag`` for ``adapter``'s model at ``num_steps`` steps."""
+    name, params = parse_tag(tag)
+    preset = _PRESETS[name]
+    if adapter.family not in preset.families:
+        raise ScheduleError(
+            f"preset {name!r} applies to {list(preset.families)} denoisers, but {type(adapter.denoiser).__name__} "
+            f"is a {adapter.family}; try 'fora:interval=N' or 'uniform:interval=N' for transformers, "
+            "'deepcache:interval=N' for UNets"
+        )
+    layout = adapter.layout(_granularity(preset, params))
+    return _build(name, params, layout, num_steps, adapter.model_info)
+
+
+def regenerate(schedule: Schedule, num_steps: int) -> Schedule:
+    """Rebuild a preset schedule at another step count (same units, components, params)."""
+    layout = Layout("", schedule.units, schedule.components, schedule.present)
+    return _build(schedule.method, schedule.params, layout, num_steps, schedule.model, schedule.meta)
+
+
+def _build(
+    name: str,
+    params: dict[str, Any],
+    layout: Layout,
+    num_steps: int,
+    model: dict[str, str] | None,
+    meta: dict[str, Any] | None = None,
+) -> Schedule:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ScheduleError(f"num_steps must be a positive int, got {num_steps!r}")
+    recompute = np.asarray(_PRESETS[name].fn(layout, num_steps, **params), dtype=bool)
+    if layout.present is not None:
+        recompute = recompute | ~layout.present[None]
+    return Schedule(recompute, layout.units, layout.components, name, params, model, meta or {}, layout.present)
+
+
+def _grid(layout: Layout, num_steps: int) -> np.ndarray:
+    return np.ones((num_steps, len(layout.units), len(layout.components)), dtype=bool)
+
+
+def _check_interval(interval: int) -> None:
+    if interval < 1:
+        raise ScheduleError(f"interval must be >= 1 (1 = recompute every step), got {interval}")
+
+
+def _every(num_steps: int, interval: int) -> np.ndarray:
+    _check_interval(interval)
+    return np.arange(num_steps) % interval == 0
+
+
+@register_preset("none")
+def none(layout: Layout, num_steps: int) -> np.ndarray:
+    """Recompute everything: identical to the unaccelerated model (a baseline and a correctness check)."""
+    return _grid(layout, num_steps)
+
+
+@register_preset("uniform")
+def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str = BLOCK) -> np.ndarray:
+    """Every unit recomputes at steps 0, N, 2N, ... and reuses its cache in between.
+
+    ``granularity="block"`` caches whole units (a UNet's deepest-to-shallowest branches all at once, i.e.
+    DeepCache branch 0; a transformer block's residual); ``"component"`` caches transformer sub-modules.
+    """
+    if granularity not in (BLOCK, "component"):
+        raise ScheduleError(f"granularity must be 'block' or 'component', got {granularity!r}")
+    grid = _grid(layout, num_steps)
+    grid[~_every(num_steps, interval)] = False
+    return grid
+
+
+@register_preset("fora", granularity="component", families=("transformer",))
+def fora(layout: Layout, num_steps: int, interval: int = 2) -> np.ndarray:
+    """FORA: every block's attention and feed-forward outputs (pre-gate) refreshed every N steps."""
+    grid = _grid(layout, num_steps)
+    grid[~_every(num_steps, interval)] = False
+    return grid
+
+
+@register_preset("deepcache", families=("unet",))
+def deepcache(
+    layout: Layout,
+    num_steps: int,
+    interval: int = 3,
+    branch: int = 0,
+    mode: str = "uniform",
+    center: int = -1,
+    power: float = 1.2,
+) -> np.ndarray:
+    """DeepCache: full steps at key steps; other steps reuse the deep feature of skip branch ``branch``.
+
+    Args:
+        interval: N in "1:N" (one full step per N).
+        branch: cache branch id, 0 = shallowest (only ``conv_in``/``conv_out`` and the last decoder layer run on
+            partial steps, fastest); larger keeps more of the UNet fresh (slower, closer to full).
+        mode: ``"uniform"`` (key steps 0, N, 2N, ...) or ``"quadratic"`` (DeepCache's non-uniform 1:N,
+            key steps denser around ``center``).
+        center: quadratic mode's densest step; default -1 means ``int(0.4 * num_steps)``.
+        power: quadratic mode's starting exponent; lowered by 0.02 until ``ceil(T/N)`` distinct key steps fit.
+    """
+    num_units = len(layout.units)
+    if not 0 <= branch < num_units:
+        raise ScheduleError(
+            f"branch must be in 0..{num_units - 1} for this UNet (0 = shallowest, fastest; "
+            f"{num_units - 1} = mid block only: {layout.units[-1]}), got {branch}"
+        )
+    if mode == "uniform":
+        key = _every(num_steps, interval)
+    elif mode == "quadratic":
+        _check_interval(interval)
+        key = np.zeros(num_steps, dtype=bool)
+        key[quadratic_key_steps(num_steps, interval, center if center >= 0 else int(0.4 * num_steps), power)] = True
+    else:
+        raise ScheduleError(f"deepcache mode must be 'uniform' or 'quadratic', got {mode!r}")
+    grid = _grid(layout, num_steps)
+    grid[~key, branch:] = False
+    return grid
+
+
+def quadratic_key_steps(num_steps: int, interval: int, center: int, power: float) -> list[int]:
+    """DeepCache's non-uniform key steps (sign-preserving power spacing around ``center``)."""
+    count = math.ceil(num_steps / interval)
+    if count >= num_steps:
+        return list(range(num_steps))
+    if not 0 <= center <= num_steps:
+        raise ScheduleError(f"center must be in 0..{num_steps}, got {center}")
+    p = power
+    while p > 1:
+        axis = np.linspace(-(center ** (1 / p)), (num_steps - center) ** (1 / p), count + 1)
+        points = np.sign(axis) * np.abs(axis) ** p + center
+        inner = sorted({int(x) for x in points})[1:-1]
+        steps = sorted({0, *inner})
+        if len(steps) == count and steps[-1] < num_steps:
+            return steps
+        p -= 0.02
+    raise ScheduleError(
+        f"no quadratic DeepCache schedule with {count} key steps in {num_steps} steps (center {center}, "
+        f"power {power}); raise power or use mode=uniform"
+    )

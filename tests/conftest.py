@@ -1,0 +1,55 @@
+"""Shared helpers: tiny pipelines are built fresh per test (no state leaks between tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from diffcache.testing import PIPELINE_NAMES, call_kwargs
+
+UNET_PIPELINES = ("sd", "sdxl", "unet2d")
+TRANSFORMER_PIPELINES = tuple(n for n in PIPELINE_NAMES if n not in UNET_PIPELINES)
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Deterministic, and the 2-core CI machine is shared: one thread avoids OpenMP stalls.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run(pipe, name: str, steps: int = STEPS, **overrides) -> np.ndarray:
+    """One deterministic call (seed 0) of a `diffcache.testing` pipeline; returns the images array."""
+    kwargs = call_kwargs(name, num_inference_steps=steps, batch_size=overrides.pop("batch_size", 1))
+    kwargs.update(overrides)
+    return pipe(**kwargs).images
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+class WeightCalls(TorchFunctionMode):
+    """Counts real ``F.linear``/``F.conv2d`` calls per weight: a module served from a cache never reaches them,
+    even when the module itself is the leaf whose ``__call__`` diffcache's hook intercepts."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.index = {id(m.weight): i for i, m in enumerate(modules)}
+        self.counts = [0] * len(modules)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.linear, F.conv2d):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            i = self.index.get(id(weight))
+            if i is not None:
+                self.counts[i] += 1
+        return func(*args, **kwargs)
