@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from .errors import DiffcacheError
 
-
 DEMO_SUITES = {
     "sd": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=5"],
     "dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=3"],
@@ -22,21 +21,15 @@ DEMO_SUITES = {
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.bench import compare_methods, format_table
-    from .testing import build_pipeline, call_kwargs
+    from .eval.bench import run_suites
 
     torch.set_num_threads(args.threads)
     print(
         "diffcache demo: full pipeline vs cache presets on built-in random-weight diffusers pipelines "
         f"({args.steps} steps, median of {args.repeats} alternated runs, {args.threads} thread(s)).\n"
     )
-    for name, tags in DEMO_SUITES.items():
-        pipe = build_pipeline(name, size="bench")
-        rows = compare_methods(
-            pipe, lambda: call_kwargs(name, num_inference_steps=args.steps, size="bench"), tags, args.repeats,
-            progress=not args.quiet,
-        )
-        print(format_table(f"{name}: {type(pipe).__name__}", rows) + "\n")
+    for table in run_suites(DEMO_SUITES, args.steps, args.repeats, progress=not args.quiet):
+        print(table + "\n")
     return 0
 
 

@@ -283,7 +283,7 @@ class Schedule:
 
     @classmethod
     def from_tag(cls, tag: str, model: torch.nn.Module | Any, num_steps: int = 50) -> Schedule:
-        """Build a preset plan for a denoiser (or an adapter): ``Schedule.from_tag("fora:interval=3", pipe.transformer)``.
+        """A preset plan for a denoiser or adapter: ``Schedule.from_tag("fora:interval=3", pipe.transformer)``.
 
         Tags: ``"none"``, ``"uniform:interval=N"``, ``"deepcache:interval=N,branch=B"``,
         ``"deepcache:interval=N,mode=quadratic"``, ``"fora:interval=N"``; see `diffcache.schedules.presets`.

@@ -14,8 +14,7 @@ import platform
 
 import torch
 
-from diffcache.eval.bench import compare_methods, format_table
-from diffcache.testing import build_pipeline, call_kwargs
+from diffcache.eval.bench import run_suites
 
 SUITES = {
     "sd": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=5", "deepcache:interval=3,branch=3"],
@@ -31,16 +30,10 @@ def main() -> None:
     parser.add_argument("--pipelines", nargs="+", default=list(SUITES), choices=list(SUITES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s)\n")
-    for name in args.pipelines:
-        pipe = build_pipeline(name, size="bench")
-        denoiser = getattr(pipe, "transformer", None) or pipe.unet
-        params = sum(p.numel() for p in denoiser.parameters()) / 1e6
-        rows = compare_methods(
-            pipe, lambda: call_kwargs(name, num_inference_steps=args.steps, size="bench"), SUITES[name], args.repeats
-        )
-        title = f"{name}: {type(pipe).__name__} / {type(denoiser).__name__} ({params:.1f}M), batch 1 + CFG"
-        print(format_table(title, rows) + "\n")
+    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s)\n")
+    suites = {name: SUITES[name] for name in args.pipelines}
+    for table in run_suites(suites, args.steps, args.repeats):
+        print(table + "\n")
 
 
 if __name__ == "__main__":

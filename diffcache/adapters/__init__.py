@@ -3,7 +3,7 @@
 Importing this package registers the built-in adapters, UNets first, then transformers.
 """
 
-from . import unet, dit  # noqa: F401  (registration order: specific UNet adapter before the block-list one)
+from . import dit, unet  # noqa: F401  (registration order: specific UNet adapter before the block-list one)
 from .base import BLOCK, Adapter, Layout, denoiser_of, register_adapter, resolve_adapter
 from .dit import TransformerAdapter, TransformerUnit
 from .generic import PatternAdapter

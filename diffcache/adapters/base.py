@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -38,10 +39,10 @@ class Layout:
     present: np.ndarray | None = None
 
 
-class Adapter:
+class Adapter(ABC):
     """Base class: maps a denoiser to named units (and, for transformers, their components).
 
-    Subclasses set `family` and implement :meth:`layout` and :meth:`check_schedule`.
+    Subclasses set `family` and implement :meth:`layout`; they may extend :meth:`check_schedule`.
     """
 
     family: ClassVar[str] = ""
@@ -59,8 +60,9 @@ class Adapter:
     def unit_names(self) -> list[str]:
         return self.layout(BLOCK).units
 
+    @abstractmethod
     def layout(self, granularity: str = BLOCK) -> Layout:
-        raise NotImplementedError(f"{type(self).__name__} must implement layout()")
+        """The unit/component grid for ``granularity`` (``"block"`` or ``"component"``)."""
 
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise `ScheduleError` unless ``schedule`` fits this model (units, components, fingerprint)."""

@@ -130,7 +130,8 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
                     f"{skip_channels[j]}-channel skip {j}; unexpected UNet wiring"
                 )
             member = j - 1 if j > 0 else None
-            layers.append(layer(f"up_blocks.{bi}.resnets.{i}", resnet, member, consumes=j, skip_channels=skip_channels[j]))
+            name = f"up_blocks.{bi}.resnets.{i}"
+            layers.append(layer(name, resnet, member, consumes=j, skip_channels=skip_channels[j]))
             if attentions is not None:
                 layers.append(layer(f"up_blocks.{bi}.attentions.{i}", attentions[i], member))
             j -= 1

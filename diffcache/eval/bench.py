@@ -23,7 +23,6 @@ from ..schedule import Schedule
 from ..schedules.presets import parse_tag
 from .cost import profile_latency, profile_macs
 
-
 FULL = "full"
 
 
@@ -114,6 +113,26 @@ def compare_methods(
                      psnr(images[method], images[FULL]))
         )
     return rows
+
+
+def run_suites(
+    suites: dict[str, Sequence[str]], steps: int, repeats: int, progress: bool = True
+) -> list[str]:
+    """`compare_methods` on the built-in ``size="bench"`` test pipelines; returns one markdown table each."""
+    from ..testing import build_pipeline, call_kwargs
+
+    tables = []
+    for name, tags in suites.items():
+        pipe = build_pipeline(name, size="bench")
+        denoiser = denoiser_of(pipe)
+        params = sum(p.numel() for p in denoiser.parameters()) / 1e6
+        rows = compare_methods(
+            pipe, lambda name=name: call_kwargs(name, num_inference_steps=steps, size="bench"), tags, repeats,
+            progress=progress,
+        )
+        title = f"{name}: {type(pipe).__name__} / {type(denoiser).__name__} ({params:.1f}M), batch 1 + CFG"
+        tables.append(format_table(title, rows))
+    return tables
 
 
 def format_table(title: str, rows: Sequence[BenchRow]) -> str:

@@ -45,7 +45,7 @@ class Executor:
         self.adapter = adapter
         self.plan_for = plan_for
         self.scheduler = scheduler
-        self._pipe = weakref.ref(pipe) if pipe is not None else None
+        self._pipe = _reference(pipe) if pipe is not None else None
         self.stats = StatsRecorder(len(adapter.unit_names))
         self.stores: dict[str, CacheStore] = {}
         self.cache_bytes = 0
@@ -175,6 +175,14 @@ class Executor:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
+
+
+def _reference(obj: Any) -> Callable[[], Any]:
+    """A weak reference where the object allows one (pipelines do), else a strong one."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _first_reuse(row: list[list[bool]]) -> int | None:

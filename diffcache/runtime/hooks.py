@@ -127,7 +127,8 @@ class BlockHook(ModelHook):
                     f"{self.spec.name} ({type(module).__name__}) returned {type(output).__name__}; block caching "
                     "needs a tensor shaped like its first input. Choose other units= or a known block class"
                 )
-            ex.put(key, tuple(None if o is None else o - self._input(s, args, kwargs) for s, o in zip(streams, outputs)))
+            deltas = tuple(None if o is None else o - self._input(s, args, kwargs) for s, o in zip(streams, outputs))
+            ex.put(key, deltas)
         return output
 
 
@@ -153,9 +154,15 @@ class UNetLayerHook(ModelHook):
                         f"{layer.name} got {x.shape[1]} channels on a cached step, expected the "
                         f"{layer.skip_channels}-channel skip alone; the UNet's forward differs from diffusers'"
                     )
-                args = (torch.cat([ex.store.get(("F", j)), x], dim=1), *args[1:])
+                feature, memory_format = ex.store.get(("F", j))
+                # Same memory layout as on the full step (oneDNN may hand out channels_last), so the resnet
+                # computes in the same order and unchanged inputs reproduce the full step bit for bit.
+                joined = torch.cat([feature, x], dim=1).contiguous(memory_format=memory_format)
+                args = (joined, *args[1:])
             elif ex.needed[j][0]:
-                ex.put(("F", j), x[:, : x.shape[1] - layer.skip_channels].clone())
+                channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                memory_format = torch.channels_last if channels_last else torch.contiguous_format
+                ex.put(("F", j), (x[:, : x.shape[1] - layer.skip_channels].clone(), memory_format))
         return self.fn_ref.original_forward(*args, **kwargs)
 
     def _placeholder(self, args: tuple, kwargs: dict) -> Any:

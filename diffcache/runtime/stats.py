@@ -53,7 +53,8 @@ class CacheSummary:
         lines.append(f"{'unit':<{width}}  computed  reused  per step (C computed, r reused, . partly, - not run)")
         for u, unit in enumerate(self.units):
             marks = "".join(_mark(c, r) for c, r in zip(self.computed[:, u], self.reused[:, u]))
-            lines.append(f"{unit:<{width}}  {int(self.computed[:, u].sum()):>8}  {int(self.reused[:, u].sum()):>6}  {marks}")
+            computed, reused = int(self.computed[:, u].sum()), int(self.reused[:, u].sum())
+            lines.append(f"{unit:<{width}}  {computed:>8}  {reused:>6}  {marks}")
         return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ def denoiser(pipe) -> torch.nn.Module:
 
 def hooked_modules(pipe) -> list[str]:
     # Flux's pipeline creates an (empty) registry itself through `cache_context`: count hooks, not registries.
-    return [n for n, m in denoiser(pipe).named_modules() if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks]
+    modules = denoiser(pipe).named_modules()
+    return [n for n, m in modules if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks]
 
 
 @pytest.mark.parametrize("name", PIPELINE_NAMES)
@@ -145,28 +146,88 @@ def ran_per_step(pipe, name: str, leaves: list[torch.nn.Module], steps: int) -> 
     return counts.astype(bool)
 
 
-@pytest.mark.parametrize("branch", [0, 3, 11])
-def test_deepcache_recomputes_exactly_the_branch_asked(branch):
-    pipe = build_pipeline("sd")
+@pytest.mark.parametrize(
+    "name, tag, num_units",
+    [
+        ("sd", "deepcache:interval=3,branch=0", 12),  # SD1.5 layout: conv_in, 3 per block x 3, 2 in the last
+        ("sd", "deepcache:interval=3,branch=3", 12),
+        ("sd", "deepcache:interval=3,branch=11", 12),  # mid block only
+        ("sd", "deepcache:interval=2,mode=quadratic,branch=1", 12),
+        ("sdxl", "deepcache:interval=3,branch=4", 9),  # SDXL: 3 blocks of 2 layers
+        ("unet2d", "deepcache:interval=3,branch=2", 9),
+    ],
+)
+def test_deepcache_recomputes_exactly_the_branch_asked(name, tag, num_units):
+    steps = 7
+    pipe = build_pipeline(name)
     adapter = resolve_adapter(pipe.unet)
-    assert len(adapter.units) == 12  # SD1.5 layout: 12 skips (conv_in, 3 per block x 3, 2 in the last)
+    assert len(adapter.units) == num_units
     modules = dict(pipe.unet.named_modules())
     leaves = [first_weight_leaf(modules[unit]) for unit in adapter.units]
-    ref = run(pipe, "sd", steps=7)
-    tag = f"deepcache:interval=3,branch={branch}"
+    ref = run(pipe, name, steps=steps)
     diffcache.accelerate(pipe, tag)
-    ran = ran_per_step(pipe, "sd", leaves, steps=7)
-    plan = Schedule.from_tag(tag, adapter, 7).recompute[:, :, 0]
+    ran = ran_per_step(pipe, name, leaves, steps=steps)
+    plan = Schedule.from_tag(tag, adapter, steps).recompute[:, :, 0]
     assert np.array_equal(ran, plan)
-    assert ran[1, :branch].all() and not ran[1, branch:].any()
-    out = run(pipe, "sd", steps=7)
+    branch = Schedule.from_tag(tag, adapter, steps).params.get("branch", 0)
+    partial = int(np.flatnonzero(~plan.all(axis=1))[0])
+    assert ran[partial, :branch].all() and not ran[partial, branch:].any()
+    out = run(pipe, name, steps=steps)
     quality = psnr(out, ref)
-    # Random weights: the deep feature drifts between steps, so reuse costs some dB; shallower branches
-    # reuse more of the network and lose more. A no-op would give inf.
-    assert 20 < quality < 200, f"PSNR vs full {quality:.1f} dB (branch {branch})"
+    # Random weights: the deep feature drifts between steps, so reuse costs some dB; a no-op would give inf.
+    # The pixel-space random UNet2DModel amplifies any change through DDIM's sample clipping.
+    floor = 5 if name == "unet2d" else 15
+    assert floor < quality < 200, f"{name} {tag}: PSNR vs full {quality:.1f} dB"
     summary = diffcache.summary(pipe)
     assert summary.reused.sum() == (~plan).sum()
     assert "mid_block" in str(summary)
+
+
+@pytest.mark.parametrize("name", PIPELINE_NAMES)
+def test_reuse_with_unchanged_inputs_is_exact(name):
+    """Two steps with identical denoiser inputs: the reuse step must reproduce the full step's output.
+
+    This isolates the cache plumbing from the approximation: a feature injected at the wrong place, a stale
+    or another branch's cache, or a wrong residual all change the output."""
+    pipe = build_pipeline(name)
+    model = denoiser(pipe)
+    captured = []
+    model.register_forward_pre_hook(lambda _m, a, k: captured.append((a, k)) if not captured else None,
+                                    with_kwargs=True)
+    run(pipe, name, steps=1)
+    args, kwargs = captured[0]
+    tags = ["deepcache:interval=2,branch=0", "deepcache:interval=2,branch=5"] if name in UNET_PIPELINES else [
+        "fora:interval=2", "uniform:interval=2"]
+    for tag in tags:
+        diffcache.accelerate(pipe, tag)
+        executor = find_attachment(model).executor
+        executor.start_generation(4)  # what the wrapped scheduler's set_timesteps / step do
+        with torch.no_grad():
+            full = model(*args, **kwargs)[0]
+            executor.end_step()
+            reused = model(*args, **kwargs)[0]
+        assert diffcache.summary(pipe).reused[1].sum() > 0
+        if tag.startswith("uniform"):  # block residual: x + (f(x) - x) rounds once
+            torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(reused, full), tag
+
+
+def test_second_order_scheduler_counts_network_calls():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = build_pipeline("sd")
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    ref = run(pipe, "sd", steps=4)
+    diffcache.accelerate(pipe, "deepcache:interval=2,branch=0")
+    out = run(pipe, "sd", steps=4)
+    # Heun repeats timesteps: 4 steps are 7 network calls, each its own schedule step.
+    summary = diffcache.summary(pipe)
+    assert summary.num_steps == len(pipe.scheduler.timesteps) == 7
+    assert summary.denoiser_calls == 7
+    assert summary.reused[:, 0].tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert 15 < psnr(out, ref) < 200
+    assert np.array_equal(run(pipe, "sd", steps=4), out)
 
 
 @pytest.mark.parametrize("name", TRANSFORMER_PIPELINES)
