@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # transformers warns at import that torchvision is missing (it falls back to PIL); noise for the CLI.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -64,6 +64,9 @@ class Adapter(ABC):
     def layout(self, granularity: str = BLOCK) -> Layout:
         """The unit/component grid for ``granularity`` (``"block"`` or ``"component"``)."""
 
+    def check_call(self, kwargs: dict) -> None:  # noqa: B027 - most families accept every call
+        """Raise `UnsupportedModelError` if a denoiser call carries inputs that caching would get wrong."""
+
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise `ScheduleError` unless ``schedule`` fits this model (units, components, fingerprint)."""
         model = schedule.model

@@ -26,6 +26,8 @@ from .base import BLOCK, Adapter, Layout, register_adapter
 
 _DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")
+_RESIDUAL_INPUTS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                    "down_intrablock_additional_residuals")
 
 
 @dataclass
@@ -66,6 +68,15 @@ class UNetAdapter(Adapter):
                 "UNets are cached per skip branch (block granularity); component caching is for transformers"
             )
         return Layout(self.family, list(self.units), [BLOCK])
+
+    def check_call(self, kwargs: dict) -> None:
+        injected = [name for name in _RESIDUAL_INPUTS if kwargs.get(name) is not None]
+        if injected:
+            raise UnsupportedModelError(
+                f"the UNet was called with {injected} (ControlNet / T2I-Adapter residuals); they are added to the "
+                "skip branches that a DeepCache step does not compute, so cached steps would ignore them. Run this "
+                "pipeline without caching (diffcache.restore(pipe)) or with the 'none' schedule"
+            )
 
     def check_schedule(self, schedule) -> None:
         super().check_schedule(schedule)

@@ -134,6 +134,8 @@ class Executor:
                 "extra steps recompute everything",
             )
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
+        if not all(all(bits) for bits in self.row):
+            self.adapter.check_call(kwargs)
         self.branch = self._unet_branch() if self.adapter.family == "unet" else None
         self.stats.calls += 1
         self.in_call = True
