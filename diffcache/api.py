@@ -15,7 +15,7 @@ from .adapters.base import BLOCK
 from .errors import DiffcacheError, UnsupportedModelError
 from .runtime import CacheSummary, Executor, attach, detach, find_attachment
 from .schedule import Schedule
-from .schedules.presets import build_from_tag, parse_tag
+from .schedules.presets import build_from_tag
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,6 @@ def _parts(pipe: Any) -> tuple[torch.nn.Module, Any]:
 def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[int], Schedule], str]:
     """A per-step-count plan factory (validated now) and the granularity its plans use."""
     if isinstance(schedule, str) and not _is_path(schedule):
-        parse_tag(schedule)
         first = build_from_tag(schedule, adapter, _VALIDATION_STEPS)
 
         def build(num_steps: int) -> Schedule:

@@ -153,7 +153,8 @@ class Schedule:
     def resample(self, num_steps: int) -> Schedule:
         """Return the plan for another step count (a new object; this one is unchanged).
 
-        Presets are regenerated exactly from their parameters. Other plans (searched ones) are mapped on the
+        Presets are regenerated exactly from their parameters (unless their bits were edited by hand, which makes
+        them custom plans). Other plans (searched ones) are mapped on the
         normalized time axis: old step ``k`` lands on new step ``floor(k * num_steps / self.num_steps)``, a
         new step recomputes a slot if any old step landing on it did, and step 0 always recomputes. Going to
         fewer steps therefore keeps every refresh (more recompute, never less); going to more steps keeps the
@@ -166,7 +167,7 @@ class Schedule:
             return self
         from .schedules.presets import is_preset, regenerate
 
-        if is_preset(self.method):
+        if is_preset(self.method) and regenerate(self, self.num_steps) == self:
             return regenerate(self, num_steps)
         logger.warning(
             "Schedule %r was made for %d steps and is resampled to %d; it was not searched for this step count, "

@@ -137,3 +137,15 @@ def test_quadratic_key_steps():
     assert max(abs(a - b) for a, b in zip(steps, official)) <= 2
     gaps = np.diff(steps)
     assert gaps[3:5].max() < gaps[-1]  # denser near the centre than at the end
+
+
+def test_hand_edited_preset_is_resampled_as_custom(caplog):
+    s = Schedule.from_tag("fora:interval=2", build_pipeline("dit").transformer, num_steps=8)
+    bits = s.recompute.copy()
+    bits[4] = False  # drop one refresh by hand
+    edited = Schedule(bits, s.units, s.components, s.method, s.params, s.model, present=s.present)
+    with caplog.at_level("WARNING"):
+        resampled = edited.resample(16)
+    assert "resampled to 16" in caplog.text
+    assert np.flatnonzero(resampled.recompute[:, 0, 0]).tolist() == [0, 4, 12]
+    assert s.resample(16) == Schedule.from_tag("fora:interval=2", build_pipeline("dit").transformer, 16)

@@ -13,16 +13,13 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..adapters.base import BLOCK, Adapter, Layout
 from ..errors import ScheduleError
 from ..schedule import Schedule
-
-if TYPE_CHECKING:
-    pass
 
 PresetFn = Callable[..., np.ndarray]
 
