@@ -103,6 +103,7 @@ def summary(pipe: Pipeline) -> CacheSummary:
         planned_cache_usage_ratio=plan.cache_usage_ratio,
         cache_bytes=executor.cache_bytes,
         peak_cache_bytes=executor.peak_cache_bytes,
+        schedule=plan,
     )
 
 

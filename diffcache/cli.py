@@ -9,28 +9,99 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from .errors import DiffcacheError
-
-DEMO_SUITES = {
-    "sd": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=5"],
-    "dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=3"],
-}
+from .errors import DiffcacheError, PipelineNotFoundError
+from .eval.metrics import METRIC_NAMES
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
-    from .eval.bench import run_suites
+    from .eval.demo import run_demo
 
     torch.set_num_threads(args.threads)
     print(
-        "diffcache demo: full pipeline vs cache presets on built-in random-weight diffusers pipelines "
-        f"({args.steps} steps, median of {args.repeats} alternated runs, {args.threads} thread(s)).\n"
+        "diffcache demo: the embedded digits models (DiT and UNet) against cache presets; speed measured side by "
+        f"side ({args.repeats} alternated runs after a warm-up, {args.threads} thread(s)), quality vs real digits "
+        "and vs the full model at the same seeds.\n"
     )
-    for table in run_suites(DEMO_SUITES, args.steps, args.repeats, progress=not args.quiet):
-        print(table + "\n")
+    start = time.perf_counter()
+    print(run_demo(args.out, args.per_class, args.repeats, progress=not args.quiet))
+    print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .loading import load_any_pipeline
+
+    try:
+        return load_any_pipeline(args.pipeline)
+    except PipelineNotFoundError as err:
+        args.parser.error(str(err))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from . import accelerate, summary
+    from .loading import generation_kwargs, is_class_conditional
+
+    pipe = _load(args)
+    conditional = is_class_conditional(pipe)
+    if conditional == (args.class_label is None):
+        args.parser.error(f"{type(pipe).__name__} takes {'--class-label' if conditional else '--prompt'}")
+    accelerate(pipe, args.schedule)
+    condition = args.class_label if conditional else args.prompt
+    kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
+    image = np.asarray(pipe(**kwargs).images[0])
+    array = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(args.out)
+    print(summary(pipe))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.runner import EvalConfig, evaluate
+    from .loading import parse_conditions, read_prompt_file
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    try:
+        lines = read_prompt_file(args.prompts)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(str(err))
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        args.parser.error(f"unknown metrics {unknown}; choose from {', '.join(METRIC_NAMES)}")
+    pipe = _load(args)
+    try:
+        conditions = parse_conditions(pipe, lines)[: args.limit]
+    except ValueError as err:
+        args.parser.error(str(err))
+    digits = args.pipeline.startswith("digits-")
+    config = EvalConfig(
+        schedules=args.schedule, conditions=conditions, metrics=metrics, out=args.out,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        fid_features=args.fid_features or ("digits" if digits else "inception"), clip_model=args.clip_model,
+    )
+    rows = evaluate(pipe, config, progress=not args.quiet)
+    if rows:
+        print(format_summaries(rows))
+    return 0
+
+
+def format_summaries(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of evaluation summary rows."""
+    keys = [k for k in ("method", "images", "seconds_per_image", "speedup", "macs_speedup", "cache_usage_ratio",
+                        "fid", "acc", "clip", "psnr", "ssim") if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -43,11 +114,31 @@ def _summary(args: argparse.Namespace) -> int:
         print(f"model: {schedule.model['class']} (config {schedule.model['fingerprint']})")
     print(f"units ({len(schedule.units)}): {', '.join(schedule.units)}")
     print(f"components: {', '.join(schedule.components)}")
+    macs = _schedule_macs(args, schedule) if args.pipeline else None
+    if macs is not None:
+        speedup = macs[0] * len(macs[1]) / macs[1].sum()
+        print(f"MACs per denoiser call: full {macs[0]:.3g}; theoretical speedup {speedup:.2f}x")
     print(f"cache usage ratio {schedule.cache_usage_ratio:.1%}; per step (1 recompute, 0 reuse, - absent):")
     width = len(str(schedule.num_steps - 1))
     for k, line in enumerate(data["steps"]):
-        print(f"  {k:>{width}}  {line}")
+        cost = f"  {macs[1][k]:.3g} MACs" if macs is not None else ""
+        print(f"  {k:>{width}}  {line}{cost}")
     return 0
+
+
+def _schedule_macs(args: argparse.Namespace, schedule: Any) -> tuple[float, Any]:
+    """Full MACs per denoiser call and the schedule's MACs per step, measured on ``args.pipeline``."""
+    from .adapters import BLOCK, denoiser_of, resolve_adapter
+    from .eval.cost import profile_macs
+    from .loading import generation_kwargs, is_class_conditional
+
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    resolve_adapter(denoiser_of(pipe)).check_schedule(schedule)
+    condition = 0 if is_class_conditional(pipe) else "a photo"
+    granularity = BLOCK if schedule.components == [BLOCK] else "component"
+    profile = profile_macs(pipe, generation_kwargs(pipe, condition, 0, 1, None), granularity)
+    return profile.total, profile.step_cost(schedule)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,25 +154,71 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="full vs cache presets, side by side, on built-in pipelines (offline, about a minute)",
-        description="Times the full pipeline against cache presets on built-in SD-style and DiT pipelines, "
-        "in one process with alternated runs, and prints speedup, ideal speedup and PSNR vs full.",
-        epilog="Example: diffcache demo --steps 20 --repeats 3",
+        help="the embedded digits models vs cache presets: speed, FID, accuracy, PSNR (offline, a few minutes)",
+        description="Runs the shipped digits DiT and UNet pipelines in full and with cache presets on the same "
+        "seeds, times them side by side, scores them (Fréchet distance of classifier features to real digits, "
+        "classifier accuracy, PSNR vs full) and writes OUT/grid.png and OUT/pareto.png.",
+        epilog="Example: diffcache demo --out demo-out",
     )
-    demo.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    demo.add_argument("--out", default="demo-out", help="folder for grid.png and pareto.png (default demo-out)")
+    demo.add_argument("--per-class", type=int, default=20, help="images per digit class and method (default 20)")
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, parser=demo)
+
+    run = commands.add_parser(
+        "run",
+        help="generate one image with a schedule",
+        description="Loads a pipeline (built-in, local directory or hub id), accelerates it and saves one image.",
+        epilog="Example: diffcache run --pipeline digits-dit --schedule fora:interval=2 --class-label 7 --out 7.png",
+    )
+    _pipeline_args(run)
+    run.add_argument("--schedule", default="none", help="preset tag or schedule JSON (default: none)")
+    condition = run.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
+    condition.add_argument("--class-label", type=int, help="class id (class-conditional pipelines)")
+    run.add_argument("--out", required=True, help="output PNG path")
+    run.set_defaults(handler=_run, parser=run)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="speed and quality of schedules against the full model (resumable; accelerate launch for N processes)",
+        description="Generates one image per prompt (seed + line number) with the full model and with each "
+        "schedule, and writes per-image rows and per-method summaries to a JSONL file. Re-running skips finished "
+        "images. Under `accelerate launch --num_processes N -m diffcache eval ...` the prompts are split over "
+        "the processes.",
+        epilog="Example: diffcache eval --pipeline digits-dit --schedule fora:interval=2 uniform:interval=3 "
+        "--prompts labels.txt --metrics fid,acc,psnr --out results.jsonl",
+    )
+    _pipeline_args(evaluate)
+    evaluate.add_argument("--schedule", nargs="+", required=True, help="preset tags or schedule JSON files")
+    evaluate.add_argument("--prompts", required=True, help="file with one prompt (or class id / label) per line")
+    evaluate.add_argument("--metrics", default="psnr,ssim", help=f"comma list from {','.join(METRIC_NAMES)}")
+    evaluate.add_argument("--out", required=True, type=Path, help="results JSONL (images go beside it)")
+    evaluate.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    evaluate.add_argument("--fid-features", choices=["inception", "digits"], default=None,
+                          help="FID feature extractor (default: digits for digits-* pipelines, else inception)")
+    evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
+                          help="hub id or local directory of the CLIP model for the clip metric")
+    evaluate.set_defaults(handler=_eval, parser=evaluate)
 
     summary = commands.add_parser(
         "summary",
         help="describe a schedule JSON file",
         description="Prints a schedule's method, model, units and per-step recompute bits.",
-        epilog="Example: diffcache summary schedule.json",
+        epilog="Example: diffcache summary schedule.json --pipeline digits-dit",
     )
     summary.add_argument("schedule", help="path to a schedule JSON file")
-    summary.set_defaults(handler=_summary)
+    summary.add_argument("--pipeline", default=None, help="also print MACs per step, measured on this pipeline")
+    summary.set_defaults(handler=_summary, parser=summary)
     return parser
+
+
+def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", required=True, help="digits-dit, digits-unet, a local directory or a hub id")
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:

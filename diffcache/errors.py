@@ -21,3 +21,11 @@ class UnsupportedModelError(DiffcacheError, TypeError):
 
 class AccelerationStateError(DiffcacheError, RuntimeError):
     """The accelerated pipeline is used in a way the executor cannot follow (e.g. its scheduler was swapped)."""
+
+
+class MetricUnavailableError(DiffcacheError, RuntimeError):
+    """A metric's model (Inception, CLIP) cannot be loaded here; the message names the option to use instead."""
+
+
+class PipelineNotFoundError(DiffcacheError, ValueError):
+    """A pipeline name is neither a built-in model, a local directory nor a reachable hub id."""

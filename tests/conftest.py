@@ -16,6 +16,12 @@ STEPS = 6
 
 
 @pytest.fixture(autouse=True)
+def _private_cost_cache(tmp_path_factory, monkeypatch):
+    # MAC profiles are cached on disk; keep the tests' out of the user's cache and independent of it.
+    monkeypatch.setenv("DIFFCACHE_CACHE", str(tmp_path_factory.getbasetemp() / "diffcache-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _single_thread():
     # Deterministic, and the 2-core CI machine is shared: one thread avoids OpenMP stalls.
     previous = torch.get_num_threads()

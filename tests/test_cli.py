@@ -32,3 +32,27 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_summary_with_pipeline_prints_macs(tmp_path, capsys):
+    pipe = build_pipeline("dit")
+    pipe.save_pretrained(tmp_path / "dit")
+    path = tmp_path / "s.json"
+    Schedule.from_tag("uniform:interval=2", pipe.transformer, 4).save(path)
+    assert main(["summary", str(path), "--pipeline", str(tmp_path / "dit")]) == 0
+    out = capsys.readouterr().out
+    assert "theoretical speedup" in out
+    lines = [line for line in out.splitlines() if line.endswith("MACs")]
+    assert len(lines) == 4 and lines[0].split()[-2] != lines[1].split()[-2]  # full step vs reuse step
+
+
+def test_run_writes_an_image(tmp_path, capsys):
+    build_pipeline("sd").save_pretrained(tmp_path / "sd")
+    out = tmp_path / "car.png"
+    code = main(["run", "--pipeline", str(tmp_path / "sd"), "--schedule", "deepcache:interval=2", "--prompt",
+                 "a red car", "--steps", "4", "--out", str(out)])
+    assert code == 0 and out.stat().st_size > 0
+    assert "deepcache:interval=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--pipeline", str(tmp_path / "sd"), "--class-label", "3", "--out", str(out)])
+    assert exc.value.code == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..api import accelerate, restore
 from ..schedule import Schedule
 from ..schedules.presets import parse_tag
 from .cost import profile_latency, profile_macs
+from .metrics import psnr
 
 FULL = "full"
 
@@ -45,12 +46,7 @@ class BenchRow:
     ideal_macs: float
     ideal_latency: float
     psnr_db: float
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1]; ``inf`` for identical images."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
 
 def compare_methods(
@@ -60,7 +56,8 @@ def compare_methods(
     repeats: int = 3,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag; returns one row per method (full first).
+    """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag; returns one row per method (full first),
+    with the images of its warm-up call.
 
     ``make_kwargs`` must return fresh arguments with a fixed seed each time (same images for the same method).
     The pipeline must call its denoiser once per step (batched CFG), as the built-in test pipelines do.
@@ -114,7 +111,7 @@ def compare_methods(
         w, c = statistics.median(wall[method]), statistics.median(cpu[method])
         rows.append(
             BenchRow(method, num_steps, w, c, full_wall / w, full_cpu / c, macs_speedup, ideal_macs, ideal_latency,
-                     psnr(images[method], images[FULL]))
+                     psnr(images[method], images[FULL]), images[method])
         )
     return rows
 

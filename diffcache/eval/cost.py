@@ -1,15 +1,21 @@
 """Cost model: MACs of each (unit, component) slot of a denoiser, and what a schedule saves.
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` on one real denoiser call captured from the
-pipeline (so resolution, batch and CFG layout are the user's), attributed to modules by name. A schedule's
+pipeline (so resolution, batch and CFG layout are the user's), attributed to modules by name, and are cached on
+disk per architecture and input shape. A schedule's
 cost at step ``k`` is the full call minus the slots it reuses (for a UNet the reused branch units; their
 modules do not run). "Theoretical speedup" is MACs(full) / MACs(schedule), separate from wall-clock.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +23,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import BLOCK, Adapter, TransformerAdapter, UNetAdapter, denoiser_of, resolve_adapter
+from ..runtime.executor import input_signature
 from ..schedule import Schedule
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,18 +69,24 @@ def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOC
     finally:
         handle.remove()
     args, kwargs = captured[0]
+    adapter = resolve_adapter(denoiser)
+    signature = repr((adapter.model_info, granularity, input_signature(args, kwargs)))
+    path = _cache_dir() / f"{hashlib.sha1(signature.encode()).hexdigest()[:20]}.json"
+    cached = _load(path)
+    if cached is not None:
+        return cached
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         denoiser(*args, **kwargs)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     prefix = type(denoiser).__name__
-    adapter = resolve_adapter(denoiser)
-    slots = slot_modules(adapter, granularity)
     cost = np.zeros(_shape(adapter, granularity))
-    for (u, c), names in slots.items():
+    for (u, c), names in slot_modules(adapter, granularity).items():
         cost[u, c] = sum(flops.get(f"{prefix}.{name}", 0) for name in names) // 2
     layout = adapter.layout(granularity)
-    return CostProfile(layout.units, layout.components, cost, flops[prefix] // 2, "macs")
+    profile = CostProfile(layout.units, layout.components, cost, flops[prefix] // 2, "macs")
+    _save(path, profile)
+    return profile
 
 
 def profile_latency(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOCK) -> CostProfile:
@@ -126,6 +141,35 @@ def slot_modules(adapter: Adapter, granularity: str) -> dict[tuple[int, int], li
                 if component in unit.components:
                     slots[u, c] = [f"{unit.name}.{component}"]
     return slots
+
+
+def _cache_dir() -> Path:
+    """Where MAC profiles are kept between runs: ``$DIFFCACHE_CACHE/cost`` (default ``~/.cache/diffcache``).
+
+    MACs depend only on the architecture and the input shapes, which key the file name, so they are measured once.
+    """
+    return Path(os.environ.get("DIFFCACHE_CACHE", Path.home() / ".cache" / "diffcache")) / "cost"
+
+
+def _save(path: Path, profile: CostProfile) -> None:
+    data = {"units": profile.units, "components": profile.components, "slot_cost": profile.slot_cost.tolist(),
+            "total": profile.total, "measure": profile.measure}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home only costs a re-measurement next time
+        logger.debug("could not cache the MAC profile at %s: %s", path, err)
+
+
+def _load(path: Path) -> CostProfile | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return CostProfile(data["units"], data["components"], np.array(data["slot_cost"]), data["total"],
+                           data["measure"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _shape(adapter: Adapter, granularity: str) -> tuple[int, int]:

@@ -115,7 +115,7 @@ class Executor:
         name = context if context is not None else f"call{self._calls_in_step}"
         self._calls_in_step += 1
         self.store = self.stores.setdefault(name, CacheStore())
-        signature = _signature(args, kwargs)
+        signature = input_signature(args, kwargs)
         if self.store.signature != signature:
             if self.store.values:
                 self.warn_once(
@@ -194,7 +194,7 @@ def _first_reuse(row: list[list[bool]]) -> int | None:
     return None
 
 
-def _signature(args: tuple, kwargs: dict) -> tuple:
+def input_signature(args: tuple, kwargs: dict) -> tuple:
     """Shapes, dtypes and devices of the tensor inputs: what a cached feature is only valid for."""
     items = list(enumerate(args)) + list(kwargs.items())
     return tuple(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..schedule import Schedule
+
 
 @dataclass
 class CacheSummary:
@@ -17,6 +19,7 @@ class CacheSummary:
         planned_cache_usage_ratio: the schedule's CUR; ``cache_usage_ratio`` is what really happened (lower
             when a cache read found nothing, e.g. after a batch-size change).
         cache_bytes, peak_cache_bytes: bytes of cached tensors held now / at most since `accelerate`.
+        schedule: the plan of the last generation (resampled to its step count).
     """
 
     method: str
@@ -31,6 +34,7 @@ class CacheSummary:
     planned_cache_usage_ratio: float
     cache_bytes: int
     peak_cache_bytes: int
+    schedule: Schedule
 
     @property
     def cache_usage_ratio(self) -> float:

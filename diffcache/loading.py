@@ -1,0 +1,106 @@
+"""Load a pipeline the way a user names it: a built-in default (``digits-dit``), a local path, or a hub id.
+
+Also builds the per-image call arguments, since text-to-image and class-conditional pipelines take different
+inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import PipelineNotFoundError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "digits-"
+BUILTIN_NAMES = "digits-dit, digits-unet"  # diffcache.models.MODEL_NAMES, without importing the models here
+
+
+def load_any_pipeline(spec: str, torch_dtype: torch.dtype | None = None) -> Any:
+    """``digits-dit`` / ``digits-unet`` (shipped with the package), a local diffusers directory, or a hub id.
+
+    Raises:
+        PipelineNotFoundError: the name is none of these, or the hub cannot be reached for it.
+    """
+    if spec.startswith(BUILTIN_PREFIX):
+        from . import models
+
+        return models.load_pipeline(spec)  # raises PipelineNotFoundError listing the built-in names
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if os.path.isdir(spec):
+        return DiffusionPipeline.from_pretrained(spec, **kwargs)
+    if spec.count("/") != 1 or os.path.exists(spec):
+        raise PipelineNotFoundError(
+            f"unknown pipeline {spec!r}: not a built-in model ({BUILTIN_NAMES}), not a local diffusers directory, "
+            "and not a hub id of the form 'org/name'"
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(spec, **kwargs)
+    except OSError as err:
+        raise PipelineNotFoundError(
+            f"could not load {spec!r} from the hub ({type(err).__name__}); offline, download it elsewhere and pass "
+            f"its local directory, or use a built-in model ({BUILTIN_NAMES})"
+        ) from None
+
+
+def is_class_conditional(pipe: Any) -> bool:
+    """True for pipelines conditioned on class labels (``DiTPipeline``, the digits UNet) rather than text."""
+    return "class_labels" in inspect.signature(pipe.__call__).parameters
+
+
+def parse_conditions(pipe: Any, lines: Sequence[str]) -> list[str | int]:
+    """Prompts for text pipelines; class ids for class-conditional ones (ints, or names the pipeline knows)."""
+    if not is_class_conditional(pipe):
+        return list(lines)
+    conditions: list[str | int] = []
+    for line in lines:
+        if line.lstrip("-").isdigit():
+            conditions.append(int(line))
+        else:
+            try:
+                conditions.append(int(pipe.get_label_ids([line])[0]))
+            except (AttributeError, KeyError, ValueError):
+                raise ValueError(f"{line!r} is not a class id or a label name this pipeline knows") from None
+    return conditions
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Non-empty lines of a prompt file (one prompt, class id or label per line; ``#`` starts a comment).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file has no prompts.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file {os.fspath(path)!r} does not exist (one prompt per line)") from None
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {os.fspath(path)!r} has no prompts")
+    return prompts
+
+
+def generation_kwargs(
+    pipe: Any, condition: str | int, seed: int, num_inference_steps: int | None, guidance_scale: float | None
+) -> dict[str, Any]:
+    """Arguments for one deterministic image: ``pipe(**generation_kwargs(...)).images[0]``."""
+    kwargs: dict[str, Any] = {"generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np"}
+    if is_class_conditional(pipe):
+        kwargs["class_labels"] = [int(condition)]
+    else:
+        kwargs["prompt"] = str(condition)
+    if num_inference_steps is not None:
+        kwargs["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    return kwargs

@@ -1,0 +1,44 @@
+"""The cost model: per-slot MACs add up, schedules save what they skip, profiles are cached."""
+
+import numpy as np
+import pytest
+
+from diffcache import Schedule
+from diffcache.adapters import resolve_adapter
+from diffcache.eval import cost
+from diffcache.testing import build_pipeline, call_kwargs
+
+
+def test_macs_profile_and_schedule_savings(monkeypatch):
+    pipe = build_pipeline("dit")
+    kwargs = call_kwargs("dit", num_inference_steps=1)
+    block = cost.profile_macs(pipe, kwargs, "block")
+    component = cost.profile_macs(pipe, kwargs, "component")
+    assert block.measure == "macs" and block.total > block.slot_cost.sum() > 0
+    # Components are inside their blocks: less than the blocks, more than nothing.
+    assert 0.5 * block.slot_cost.sum() < component.slot_cost.sum() < block.slot_cost.sum()
+    every_other = Schedule.from_tag("uniform:interval=2", pipe.transformer, 10)
+    saved = block.total * 10 - block.step_cost(every_other).sum()
+    assert saved == pytest.approx(5 * block.slot_cost.sum())  # 5 of 10 steps reuse every block
+    assert block.speedup(Schedule.from_tag("none", pipe.transformer, 10)) == 1.0
+
+    # The second call reads the cache: measuring again would need the FLOP counter.
+    monkeypatch.setattr(cost, "FlopCounterMode", None)
+    again = cost.profile_macs(pipe, kwargs, "block")
+    assert np.array_equal(again.slot_cost, block.slot_cost) and again.total == block.total
+
+
+def test_unet_branch_costs_grow_shallow_to_deep_share():
+    pipe = build_pipeline("sd")
+    profile = cost.profile_macs(pipe, call_kwargs("sd", num_inference_steps=1), "block")
+    branch0 = Schedule.from_tag("deepcache:interval=2,branch=0", pipe.unet, 4)
+    branch5 = Schedule.from_tag("deepcache:interval=2,branch=5", pipe.unet, 4)
+    assert profile.speedup(branch0) > profile.speedup(branch5) > 1.0
+
+
+def test_latency_profile_is_positive():
+    pipe = build_pipeline("dit")
+    profile = cost.profile_latency(pipe, call_kwargs("dit", num_inference_steps=2), "component")
+    present = resolve_adapter(pipe.transformer).layout("component").present  # DiT blocks have no attn2
+    assert profile.measure == "ms" and profile.total > profile.slot_cost.sum()
+    assert (profile.slot_cost[present] > 0).all() and (profile.slot_cost[~present] == 0).all()
