@@ -161,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: diffcache demo --out demo-out",
     )
     demo.add_argument("--out", default="demo-out", help="folder for grid.png and pareto.png (default demo-out)")
-    demo.add_argument("--per-class", type=int, default=20, help="images per digit class and method (default 20)")
-    demo.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
+    demo.add_argument("--per-class", type=int, default=10, help="images per digit class and method (default 10)")
+    demo.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
     demo.set_defaults(handler=_demo, parser=demo)
 

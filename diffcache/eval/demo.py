@@ -25,7 +25,7 @@ DEMO_SCHEDULES = {
 GRID_COLUMNS = 10  # one image per digit class
 
 
-def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 20, repeats: int = 3,
+def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repeats: int = 2,
              progress: bool = True) -> str:
     """Run the demo; writes ``grid.png`` and ``pareto.png`` into ``out_dir`` and returns the report text."""
     from ..models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifier, load_pipeline, real_digits
