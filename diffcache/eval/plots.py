@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 2, label_px: int = 190) -> None:
+def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 2, label_px: int = 240) -> None:
     """Save a grid: one row per method (its name on the left), the same images/seeds in every column.
 
     Args:
