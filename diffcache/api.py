@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter
-from .adapters.base import BLOCK
 from .errors import DiffcacheError, UnsupportedModelError
 from .runtime import CacheSummary, Executor, attach, detach, find_attachment
 from .schedule import Schedule
@@ -140,7 +139,7 @@ def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[in
             adapter.check_schedule(plans[num_steps])
         return plans[num_steps]
 
-    return plan_for, BLOCK if first.components == [BLOCK] else "component"
+    return plan_for, first.granularity
 
 
 def _is_path(text: str) -> bool:

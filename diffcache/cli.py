@@ -45,10 +45,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
     from PIL import Image
 
     from . import accelerate, summary
+    from .eval.metrics import to_uint8
     from .loading import generation_kwargs, is_class_conditional
 
     pipe = _load(args)
@@ -58,9 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     accelerate(pipe, args.schedule)
     condition = args.class_label if conditional else args.prompt
     kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
-    image = np.asarray(pipe(**kwargs).images[0])
-    array = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(args.out)
+    Image.fromarray(to_uint8(pipe(**kwargs).images[0])).save(args.out)
     print(summary(pipe))
     print(f"wrote {args.out}")
     return 0
@@ -128,7 +126,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _schedule_macs(args: argparse.Namespace, schedule: Any) -> tuple[float, Any]:
     """Full MACs per denoiser call and the schedule's MACs per step, measured on ``args.pipeline``."""
-    from .adapters import BLOCK, denoiser_of, resolve_adapter
+    from .adapters import denoiser_of, resolve_adapter
     from .eval.cost import profile_macs
     from .loading import generation_kwargs, is_class_conditional
 
@@ -136,8 +134,7 @@ def _schedule_macs(args: argparse.Namespace, schedule: Any) -> tuple[float, Any]
     pipe.set_progress_bar_config(disable=True)
     resolve_adapter(denoiser_of(pipe)).check_schedule(schedule)
     condition = 0 if is_class_conditional(pipe) else "a photo"
-    granularity = BLOCK if schedule.components == [BLOCK] else "component"
-    profile = profile_macs(pipe, generation_kwargs(pipe, condition, 0, 1, None), granularity)
+    profile = profile_macs(pipe, generation_kwargs(pipe, condition, 0, 1, None), schedule.granularity)
     return profile.total, profile.step_cost(schedule)
 
 

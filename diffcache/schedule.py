@@ -121,6 +121,11 @@ class Schedule:
         return self.present
 
     @property
+    def granularity(self) -> str:
+        """``"block"`` (whole units: residuals, UNet branches) or ``"component"`` (transformer sub-modules)."""
+        return "block" if self.components == ["block"] else "component"
+
+    @property
     def cache_usage_ratio(self) -> float:
         """Fraction of existing (step, unit, component) slots that reuse the cache (CUR, as in L2C/HarmoniCa)."""
         slots = np.broadcast_to(self.present_mask, self.recompute.shape)

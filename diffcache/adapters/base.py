@@ -76,7 +76,7 @@ class Adapter(ABC):
                 f"is {self.model_info['class']} (config {self.model_info['fingerprint']}); re-run `diffcache search` "
                 "for this model, or use a preset tag"
             )
-        granularity = BLOCK if schedule.components == [BLOCK] else "component"
+        granularity = schedule.granularity
         if granularity not in self.granularities:
             raise ScheduleError(
                 f"{type(self.denoiser).__name__} supports {list(self.granularities)} caching, but the schedule "

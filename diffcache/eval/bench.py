@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..adapters import BLOCK, denoiser_of, resolve_adapter
+from ..adapters import denoiser_of, resolve_adapter
 from ..api import accelerate, restore
 from ..schedule import Schedule
 from ..schedules.presets import parse_tag
@@ -68,7 +68,7 @@ def compare_methods(
     adapter = resolve_adapter(denoiser_of(pipe))
     num_steps = make_kwargs()["num_inference_steps"]
     schedules = {tag: Schedule.from_tag(tag, adapter, num_steps) for tag in tags}
-    granularities = {BLOCK if s.components == [BLOCK] else "component" for s in schedules.values()}
+    granularities = {s.granularity for s in schedules.values()}
     methods = [FULL, *tags]
     images: dict[str, np.ndarray] = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
@@ -104,7 +104,7 @@ def compare_methods(
         macs_speedup, ideal_macs, ideal_latency = 1.0, 1.0, 1.0
         if method != FULL:
             schedule = schedules[method]
-            g = BLOCK if schedule.components == [BLOCK] else "component"
+            g = schedule.granularity
             macs_speedup = macs[g].speedup(schedule)
             ideal_macs = _amdahl(share[g], macs_speedup)
             ideal_latency = _amdahl(share[g], latency[g].speedup(schedule))

@@ -40,6 +40,12 @@ def as_tensor(images: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def to_uint8(image: Any) -> np.ndarray:
+    """One ``(H, W, C)`` image in [0, 1] as uint8 for PNG: ``(H, W)`` for grayscale, ``(H, W, C)`` otherwise."""
+    array = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+
+
 def psnr(images: Any, reference: Any) -> float:
     """Mean per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB`."""
     from torchmetrics.functional.image import peak_signal_noise_ratio

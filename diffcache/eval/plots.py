@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .metrics import to_uint8
+
 
 def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 2, label_px: int = 240) -> None:
     """Save a grid: one row per method (its name on the left), the same images/seeds in every column.
@@ -25,10 +27,7 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: i
         y = r * (tile_h + pad)
         draw.text((4, y + tile_h // 2 - 6), name, fill="black")
         for c, image in enumerate(images):
-            array = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
-            if array.shape[-1] == 1:
-                array = np.repeat(array, 3, axis=-1)
-            tile = Image.fromarray(array).resize((tile_w, tile_h), Image.NEAREST)
+            tile = Image.fromarray(to_uint8(image)).convert("RGB").resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (label_px + c * (tile_w + pad), y))
     canvas.save(path)
 

@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..adapters import BLOCK
 from ..api import accelerate, restore, summary
 from ..errors import MetricUnavailableError
 from ..loading import generation_kwargs, is_class_conditional
@@ -126,7 +125,7 @@ def _generate(pipe: Any, config: EvalConfig, method: str, index: int) -> dict[st
     seconds = time.perf_counter() - start
     path = _images_dir(config.out) / method_slug(method) / f"{index:05d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_to_uint8(image)).save(path)
+    Image.fromarray(M.to_uint8(image)).save(path)
     return {
         "kind": "image", "method": method, "index": index, "condition": condition, "seed": seed,
         "seconds": round(seconds, 4), "path": str(path.relative_to(config.out.parent)),
@@ -178,8 +177,7 @@ def _plan_numbers(pipe: Any, config: EvalConfig, method: str) -> dict[str, Any]:
     pipe(**kwargs, **config.extra_kwargs)
     plan = summary(pipe).schedule
     restore(pipe)
-    granularity = BLOCK if plan.components == [BLOCK] else "component"
-    profile = profile_macs(pipe, kwargs | {"num_inference_steps": 1}, granularity)
+    profile = profile_macs(pipe, kwargs | {"num_inference_steps": 1}, plan.granularity)
     return {"cache_usage_ratio": round(plan.cache_usage_ratio, 4), "macs_speedup": round(profile.speedup(plan), 3)}
 
 
@@ -209,11 +207,6 @@ def _fid_features(config: EvalConfig) -> Any:
 
 def _images_dir(out: Path) -> Path:
     return out.with_name(f"{out.stem}_images")
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    array = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
 
 
 def _load(path: Path) -> np.ndarray:
