@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .eval.runner import EvalConfig, evaluate
-    from .loading import parse_conditions, read_prompt_file
+    from .loading import BUILTIN_PREFIX, parse_conditions, read_prompt_file
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
@@ -81,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
         conditions = parse_conditions(pipe, lines)[: args.limit]
     except ValueError as err:
         args.parser.error(str(err))
-    digits = args.pipeline.startswith("digits-")
+    digits = args.pipeline.startswith(BUILTIN_PREFIX)
     config = EvalConfig(
         schedules=args.schedule, conditions=conditions, metrics=metrics, out=args.out,
         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
