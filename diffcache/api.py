@@ -12,7 +12,7 @@ import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter
 from .errors import DiffcacheError, UnsupportedModelError
-from .runtime import CacheSummary, Executor, attach, detach, find_attachment
+from .runtime import CacheSummary, Executor, attach, detach, find_attachment, suspended
 from .schedule import Schedule
 from .schedules.presets import build_from_tag
 
@@ -63,14 +63,9 @@ def accelerated(pipe: Pipeline, schedule: ScheduleLike, **kwargs: Any) -> Iterat
     """``with diffcache.accelerated(pipe, "deepcache:interval=3"): pipe(...)``; on exit the pipeline is back
     to what it was before (unaccelerated, or its previous plan)."""
     denoiser, _ = _parts(pipe)
-    previous = find_attachment(denoiser)
-    accelerate(pipe, schedule, **kwargs)
-    try:
+    with suspended(denoiser):
+        accelerate(pipe, schedule, **kwargs)
         yield pipe
-    finally:
-        detach(denoiser)
-        if previous is not None:
-            attach(denoiser, previous.executor, previous.granularity)
 
 
 def summary(pipe: Pipeline) -> CacheSummary:

@@ -93,6 +93,58 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    import time
+
+    from .loading import parse_conditions, read_prompt_file
+    from .schedules.budget import Budget
+    from .schedules.search import search
+
+    try:
+        lines = read_prompt_file(args.prompts)
+        budget = Budget.parse(args.budget)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(str(err))
+    pipe = _load(args)
+    try:
+        conditions = parse_conditions(pipe, lines)[: args.limit]
+    except ValueError as err:
+        args.parser.error(str(err))
+    options = _options(args)
+    out = Path(args.out)
+    start = time.perf_counter()
+    schedule = search(
+        pipe, conditions, args.method, budget, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, batch_size=args.batch_size, granularity=args.granularity, quality=args.quality,
+        out_dir=out.parent / f"{out.stem}-search", resume=args.resume, progress=not args.quiet, **options,
+    )
+    schedule.save(out)
+    meta = schedule.meta
+    print(f"{args.method} search: {schedule.num_steps} steps, {len(schedule.units)} units x "
+          f"{len(schedule.components)} components; predicted {budget.measure} speedup {meta['predicted_speedup']:.2f}x "
+          f"(budget {budget}), cache usage {schedule.cache_usage_ratio:.1%}, {time.perf_counter() - start:.0f} s")
+    print(f"wrote {out}; run it with: diffcache run --pipeline {args.pipeline} --schedule {out} ...")
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--option key=value`` pairs, values read as int, float, bool or string."""
+    options: dict[str, Any] = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            args.parser.error(f"--option takes key=value, got {item!r}")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
 def format_summaries(rows: list[dict[str, Any]]) -> str:
     """A markdown table of evaluation summary rows."""
     keys = [k for k in ("method", "images", "seconds_per_image", "speedup", "macs_speedup", "cache_usage_ratio",
@@ -198,6 +250,34 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
                           help="hub id or local directory of the CLIP model for the clip metric")
     evaluate.set_defaults(handler=_eval, parser=evaluate)
+
+    search = commands.add_parser(
+        "search",
+        help="find the best schedule for a pipeline on your prompts under a budget (dp, bac, ecad, router)",
+        description="Calibrates on the prompts (or class ids) in PROMPTS with the full model and searches a cache "
+        "schedule that fits the budget: dp (CacheQuant segmentation), bac (block-wise adaptive + bubbling union), "
+        "ecad (NSGA-II over all bits, resumable; writes the Pareto front) or router (HarmoniCa). Writes the "
+        "schedule JSON to --out and working files (calibration, checkpoint, front, pareto.png) beside it in "
+        "OUT-search/.",
+        epilog="Example: diffcache search --pipeline digits-dit --prompts labels.txt --method ecad --budget 2.5x "
+        "--out dit-ecad.json",
+    )
+    _pipeline_args(search)
+    search.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
+    search.add_argument("--method", choices=["dp", "bac", "ecad", "router"], default="dp", help="default dp")
+    search.add_argument("--budget", default="2x",
+                        help="'2x' (MACs speedup), 'latency:2x', 'recompute:0.4' or a MACs fraction (default 2x)")
+    search.add_argument("--out", required=True, help="schedule JSON to write")
+    search.add_argument("--granularity", choices=["block", "component"], default=None,
+                        help="default: component for bac/ecad/router on transformers, else block")
+    search.add_argument("--quality", choices=["psnr", "accuracy", "fid"], default="psnr",
+                        help="ECAD quality objective (accuracy/fid: digits models only; default psnr vs full)")
+    search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
+    search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
+    search.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="method setting, repeatable: generations=20, population=24, branch=0, epochs=8, ...")
+    search.set_defaults(handler=_search, parser=search)
 
     summary = commands.add_parser(
         "summary",

@@ -29,3 +29,8 @@ class MetricUnavailableError(DiffcacheError, RuntimeError):
 
 class PipelineNotFoundError(DiffcacheError, ValueError):
     """A pipeline name is neither a built-in model, a local directory nor a reachable hub id."""
+
+
+class SearchError(DiffcacheError, ValueError):
+    """A schedule search cannot run as asked: bad budget, unknown method, a budget no schedule meets, or a
+    checkpoint/calibration made for another model or setting."""

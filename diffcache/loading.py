@@ -91,14 +91,20 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
 
 
 def generation_kwargs(
-    pipe: Any, condition: str | int, seed: int, num_inference_steps: int | None, guidance_scale: float | None
+    pipe: Any,
+    condition: str | int | Sequence[str | int],
+    seed: int,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
 ) -> dict[str, Any]:
-    """Arguments for one deterministic image: ``pipe(**generation_kwargs(...)).images[0]``."""
+    """Arguments for one deterministic call: one image per condition (a prompt or class id, or a list of them),
+    ``pipe(**generation_kwargs(...)).images``."""
     kwargs: dict[str, Any] = {"generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np"}
+    conditions = list(condition) if isinstance(condition, (list, tuple)) else [condition]
     if is_class_conditional(pipe):
-        kwargs["class_labels"] = [int(condition)]
+        kwargs["class_labels"] = [int(c) for c in conditions]
     else:
-        kwargs["prompt"] = str(condition)
+        kwargs["prompt"] = [str(c) for c in conditions] if isinstance(condition, (list, tuple)) else str(condition)
     if num_inference_steps is not None:
         kwargs["num_inference_steps"] = num_inference_steps
     if guidance_scale is not None:

@@ -71,7 +71,7 @@ def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOC
     args, kwargs = captured[0]
     adapter = resolve_adapter(denoiser)
     signature = repr((adapter.model_info, granularity, input_signature(args, kwargs)))
-    path = _cache_dir() / f"{hashlib.sha1(signature.encode()).hexdigest()[:20]}.json"
+    path = cache_root() / "cost" / f"{hashlib.sha1(signature.encode()).hexdigest()[:20]}.json"
     cached = _load(path)
     if cached is not None:
         return cached
@@ -143,12 +143,13 @@ def slot_modules(adapter: Adapter, granularity: str) -> dict[tuple[int, int], li
     return slots
 
 
-def _cache_dir() -> Path:
-    """Where MAC profiles are kept between runs: ``$DIFFCACHE_CACHE/cost`` (default ``~/.cache/diffcache``).
+def cache_root() -> Path:
+    """Where measurements are kept between runs: ``$DIFFCACHE_CACHE`` (default ``~/.cache/diffcache``).
 
-    MACs depend only on the architecture and the input shapes, which key the file name, so they are measured once.
+    MAC profiles (``cost/``) depend only on the architecture and input shapes, which key their file names;
+    calibrations (``calibration/``) are keyed by model config and calibration data.
     """
-    return Path(os.environ.get("DIFFCACHE_CACHE", Path.home() / ".cache" / "diffcache")) / "cost"
+    return Path(os.environ.get("DIFFCACHE_CACHE", Path.home() / ".cache" / "diffcache"))
 
 
 def _save(path: Path, profile: CostProfile) -> None:

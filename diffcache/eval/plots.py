@@ -37,6 +37,7 @@ def pareto_plot(
     path: str | os.PathLike,
     quality_label: str,
     lower_is_better: bool = True,
+    speedup_label: str = "measured speedup vs full (x)",
 ) -> None:
     """Save a quality-vs-speedup scatter, one series per model, each point labelled with its method.
 
@@ -54,7 +55,7 @@ def pareto_plot(
         ax.plot([p[1] for p in ordered], [p[2] for p in ordered], "o-", label=model, alpha=0.8)
         for method, speedup, quality in ordered:
             ax.annotate(method, (speedup, quality), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("measured speedup vs full (x)")
+    ax.set_xlabel(speedup_label)
     ax.set_ylabel(quality_label)
     ax.set_title(f"quality vs speed ({'lower' if lower_is_better else 'higher'} is better)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,7 +1,7 @@
 """The executor: hooks, per-generation state, step counter and cache store (ARCHITECTURE section 3)."""
 
-from .attach import attach, detach, find_attachment
+from .attach import attach, detach, find_attachment, planned, suspended
 from .executor import Executor
 from .stats import CacheSummary
 
-__all__ = ["CacheSummary", "Executor", "attach", "detach", "find_attachment"]
+__all__ = ["CacheSummary", "Executor", "attach", "detach", "find_attachment", "planned", "suspended"]

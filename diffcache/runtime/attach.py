@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry
 
+from ..adapters.base import Adapter
 from ..adapters.dit import TransformerAdapter
 from ..adapters.unet import UNetAdapter
+from ..schedule import Schedule
 from .executor import Executor
 from .hooks import BlockHook, ComponentHook, DenoiserHook, UNetLayerHook
 
@@ -96,6 +100,29 @@ def detach(denoiser: torch.nn.Module) -> Executor | None:
             scheduler.__dict__.pop(method, None)
     attachment.executor.release()
     return attachment.executor
+
+
+@contextmanager
+def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
+    """Run ``denoiser`` unaccelerated inside the block (e.g. to measure the full model); its plan comes back after."""
+    previous = find_attachment(denoiser)
+    detach(denoiser)
+    try:
+        yield
+    finally:
+        detach(denoiser)
+        if previous is not None:
+            attach(denoiser, previous.executor, previous.granularity)
+
+
+@contextmanager
+def planned(pipe: Any, adapter: Adapter, schedule: Schedule) -> Iterator[None]:
+    """Run ``pipe`` with ``schedule`` at its own step count inside the block: for search loops that try many
+    schedules, without `diffcache.accelerate`'s validation and logging."""
+    with suspended(adapter.denoiser):
+        attach(adapter.denoiser, Executor(adapter, lambda _steps: schedule, pipe.scheduler, pipe),
+               schedule.granularity)
+        yield
 
 
 def _register(attachment: Attachment, module: torch.nn.Module, hook: Any, name: str) -> None:

@@ -85,22 +85,31 @@ class ComponentHook(ModelHook):
         return output
 
 
+def block_input(spec: TransformerUnit, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The block's input stream ``name`` (``hidden_states``, ``encoder_hidden_states``) from its call arguments."""
+    if name in kwargs:
+        return kwargs[name]
+    position = spec.input_positions[name]
+    if position < len(args):
+        return args[position]
+    raise AccelerationStateError(f"{spec.name} was called without its {name!r} input")
+
+
+def block_streams(spec: TransformerUnit) -> tuple[str, ...]:
+    """The input stream each element of the block's output updates; a plain tensor output updates the first."""
+    return spec.outputs or (next(iter(spec.input_positions)),)
+
+
 class BlockHook(ModelHook):
     """Caches a block's residual (output minus input, per stream); a reuse step adds it to the current input."""
 
     def __init__(self, executor: Executor, unit: int, spec: TransformerUnit) -> None:
         super().__init__()
         self.executor, self.unit, self.spec = executor, unit, spec
-        # The input stream each output element updates; a plain tensor output updates the first input.
-        self.streams = spec.outputs or (next(iter(spec.input_positions)),)
+        self.streams = block_streams(spec)
 
     def _input(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-        if name in kwargs:
-            return kwargs[name]
-        position = self.spec.input_positions[name]
-        if position < len(args):
-            return args[position]
-        raise AccelerationStateError(f"{self.spec.name} was called without its {name!r} input")
+        return block_input(self.spec, name, args, kwargs)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ex = self.executor

@@ -1,0 +1,339 @@
+"""ECAD: multi-objective evolutionary search over the schedule's bits (NSGA-II with ``deap``).
+
+The genome is the schedule's recompute bits for steps ``1..T-1`` over the slots that exist (step 0 always
+recomputes). Each candidate generates the calibration images (the same seeds for every candidate: common random
+numbers) and gets two objectives: quality against the full model (PSNR by default, or classifier accuracy /
+Fréchet distance on the digits models, or any callable) and predicted cost from the cost model. Following ECAD
+(specs/algorithms.md section 4): a seeded population (presets, DP solutions, their mutations), binary tournament
+on rank and crowding, k-point crossover, bit-flip mutation, NSGA-II survival; duplicate genomes are never
+evaluated twice. Every generation is checkpointed (JSON, atomic) and a run resumes exactly where it stopped.
+Under ``accelerate launch`` the candidates of a generation are split over the processes.
+
+On a UNet a step's bits must be a shell prefix (``1..10..0``); the genome keeps one bit per unit and a step
+recomputes as many shells as it has ones, so every genome is valid and one flip moves the cache branch by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from deap import base, tools
+from tqdm.auto import tqdm
+
+from ..adapters import denoiser_of, resolve_adapter
+from ..errors import SearchError
+from ..runtime import planned, suspended
+from ..schedule import Schedule
+from .budget import Budget, CostModel
+from .calibrate import CalibrationData
+
+logger = logging.getLogger(__name__)
+
+QualityFn = Callable[[np.ndarray, np.ndarray, Sequence[Any]], float]
+"""``quality(images, full_images, conditions) -> score``, higher is better."""
+
+_CHECKPOINT_FORMAT = "diffcache.ecad-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """NSGA-II settings (ECAD's released run: population 72, 4-point crossover p=0.9, sparse bit flips).
+
+    ``mutation_prob`` is per offspring; a mutated offspring flips each bit with ``bit_flip_prob`` (default
+    ``2 / genome length``). CPU-sized defaults: a smaller population and stronger mutation than ECAD's GPU runs.
+    """
+
+    population: int = 16
+    generations: int = 10
+    crossover_prob: float = 0.9
+    crossover_points: int = 4
+    mutation_prob: float = 0.5
+    bit_flip_prob: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.population < 4 or self.population % 4:
+            raise SearchError(f"population must be a multiple of 4 (NSGA-II tournament pairs), got {self.population}")
+        if self.generations < 0:
+            raise SearchError(f"generations must be >= 0, got {self.generations}")
+
+
+class _Fitness(base.Fitness):
+    weights = (1.0, -1.0)  # maximize quality, minimize cost
+
+
+class _Individual(list):
+    def __init__(self, bits: Sequence[int]) -> None:
+        super().__init__(int(b) for b in bits)
+        self.fitness = _Fitness()
+
+
+@dataclass
+class EvolutionResult:
+    """The Pareto front over every evaluated schedule (cheapest first) and per-generation progress."""
+
+    front: list[Schedule]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def pick(self, budget: Budget) -> Schedule:
+        """The best-quality front schedule whose predicted cost fits ``budget``."""
+        fitting = [s for s in self.front if s.meta["cost"] <= budget.fraction + 1e-9]
+        if not fitting:
+            cheapest = self.front[0].meta["cost"] if self.front else float("nan")
+            raise SearchError(f"no schedule on the ECAD front fits budget {budget} (cheapest costs {cheapest:.1%}); "
+                              "raise the budget or run more generations")
+        return max(fitting, key=lambda s: s.meta["quality"])
+
+
+class Genome:
+    """Bits <-> `Schedule` for one model layout (``template`` gives units, components, present, model)."""
+
+    def __init__(self, template: Schedule, unet: bool) -> None:
+        self.template, self.unet = template, unet
+        self.mask = np.broadcast_to(template.present_mask, template.recompute.shape).copy()
+        self.mask[0] = False
+        self.length = int(self.mask.sum())
+
+    def encode(self, schedule: Schedule) -> list[int]:
+        return schedule.recompute[self.mask].astype(int).tolist()
+
+    def decode(self, bits: Sequence[int], **meta: Any) -> Schedule:
+        grid = np.ones_like(self.mask)
+        grid[self.mask] = np.asarray(bits, dtype=bool)
+        if self.unet:  # as many shells as ones, shallowest first
+            grid = (-np.sort(-grid.astype(int), axis=1)).astype(bool)
+        t = self.template
+        return Schedule(grid, t.units, t.components, "ecad", {}, t.model, meta, t.present)
+
+
+def evolve(
+    pipe: Any,
+    data: CalibrationData,
+    genome: Genome,
+    cost_model: CostModel,
+    quality: QualityFn,
+    seeds: Sequence[Schedule],
+    config: EvolutionConfig = EvolutionConfig(),
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    key: str = "",
+    progress: bool = True,
+) -> EvolutionResult:
+    """Run NSGA-II; returns the Pareto front of everything evaluated.
+
+    Args:
+        seeds: schedules for the initial population (deduplicated; the rest are their mutations).
+        checkpoint: JSON file written after every generation. With ``resume=True`` an existing checkpoint is
+            continued (it must come from the same ``key``: model, data and settings); without it an existing
+            checkpoint is an error, so a finished search is never overwritten by accident.
+        key: identifies the search setting, checked on resume.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    adapter = resolve_adapter(denoiser_of(pipe))
+    path = Path(checkpoint) if checkpoint is not None else None
+    settings = {k: v for k, v in asdict(config).items() if k != "generations"}  # a resume may run longer
+    setting = hashlib.sha1(json.dumps([key, settings, genome.length]).encode()).hexdigest()[:16]
+    with suspended(adapter.denoiser):
+        reference = [np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)]
+    cache: dict[str, tuple[float, float]] = {}
+
+    def evaluate(population: list[_Individual]) -> None:
+        todo = sorted({_key(ind) for ind in population} - cache.keys())
+        mine = todo[state.process_index :: state.num_processes]
+        results = []
+        for bits in tqdm(mine, desc="candidates", leave=False, disable=not progress or not state.is_main_process):
+            schedule = genome.decode([int(b) for b in bits])
+            with planned(pipe, adapter, schedule):
+                images = [np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)]
+            score = quality(np.concatenate(images), np.concatenate(reference), data.conditions)
+            results.append((bits, (float(score), cost_model.fraction(schedule))))
+        for bits, fitness in gather_object(results) if state.num_processes > 1 else results:
+            cache[bits] = tuple(fitness)
+        for ind in population:
+            ind.fitness.values = cache[_key(ind)]
+
+    rng = random.Random(config.seed)
+    if path is not None and path.exists():
+        if not resume:
+            raise SearchError(f"checkpoint {path} exists; pass resume=True (--resume) to continue it, or choose "
+                              "another output folder")
+        population, start, history = _load(path, setting, cache, rng)
+    else:
+        population = _seed_population(genome, seeds, config, rng)
+        evaluate(population)
+        population = tools.selNSGA2(population, config.population)
+        start, history = 0, [_progress(0, cache)]
+        _save(path, setting, population, 0, cache, rng, history, state.is_main_process)
+    flip = config.bit_flip_prob or min(0.5, 2.0 / max(genome.length, 1))
+    for generation in tqdm(range(start + 1, config.generations + 1), desc="ECAD generations",
+                           initial=start, total=config.generations, disable=not progress):
+        offspring = _offspring(population, config, flip, rng)
+        evaluate(offspring)
+        population = tools.selNSGA2(population + offspring, config.population)
+        history.append(_progress(generation, cache))
+        _save(path, setting, population, generation, cache, rng, history, state.is_main_process)
+        logger.info("ECAD generation %d: %d schedules evaluated, hypervolume %.4f", generation,
+                    len(cache), history[-1]["hypervolume"])
+    front = [genome.decode([int(b) for b in bits], quality=q, cost=c) for bits, (q, c) in _front(cache)]
+    return EvolutionResult(front, history)
+
+
+def _key(individual: Sequence[int]) -> str:
+    return "".join(str(int(b)) for b in individual)
+
+
+def _seed_population(genome: Genome, seeds: Sequence[Schedule], config: EvolutionConfig, rng: random.Random
+                     ) -> list[_Individual]:
+    unique: dict[str, list[int]] = {}
+    for schedule in seeds:
+        bits = genome.encode(schedule)
+        if any(b == 0 for b in bits):  # the no-cache schedule is the reference, not a candidate
+            unique.setdefault(_key(bits), bits)
+    if not unique:
+        raise SearchError("ECAD needs at least one seed schedule that reuses something")
+    chosen = list(unique.values())
+    if len(chosen) > config.population:  # keep an even spread over the seeds' order
+        picks = np.linspace(0, len(chosen) - 1, config.population).round().astype(int)
+        chosen = [chosen[i] for i in picks]
+    population = [_Individual(bits) for bits in chosen]
+    flip = config.bit_flip_prob or min(0.5, 2.0 / max(genome.length, 1))
+    seen = set(unique)
+    while len(population) < config.population:
+        child = _Individual(rng.choice(chosen))
+        _mutate(child, flip, rng)
+        if _key(child) not in seen:
+            seen.add(_key(child))
+            population.append(child)
+    return population
+
+
+def _mutate(individual: _Individual, flip: float, rng: random.Random) -> None:
+    """Bit-flip mutation that changes at least one bit."""
+    flipped = False
+    for i in range(len(individual)):
+        if rng.random() < flip:
+            individual[i] = 1 - individual[i]
+            flipped = True
+    if not flipped:
+        i = rng.randrange(len(individual))
+        individual[i] = 1 - individual[i]
+
+
+def _crossover(a: _Individual, b: _Individual, points: int, rng: random.Random) -> None:
+    """k-point crossover in place."""
+    cuts = sorted(rng.sample(range(1, len(a)), min(points, len(a) - 1)))
+    for start, stop in zip(cuts[::2], [*cuts[1::2], len(a)]):
+        a[start:stop], b[start:stop] = b[start:stop], a[start:stop]
+
+
+def _offspring(population: list[_Individual], config: EvolutionConfig, flip: float, rng: random.Random
+               ) -> list[_Individual]:
+    state = random.getstate()  # deap's tournament draws from the global generator: run it on ours
+    random.setstate(rng.getstate())
+    try:
+        parents = tools.selTournamentDCD(population, len(population))
+        rng.setstate(random.getstate())
+    finally:
+        random.setstate(state)
+    children = [_Individual(p) for p in parents]
+    for a, b in zip(children[::2], children[1::2]):
+        if rng.random() < config.crossover_prob and len(a) > 1:
+            _crossover(a, b, config.crossover_points, rng)
+        for child in (a, b):
+            if rng.random() < config.mutation_prob:
+                _mutate(child, flip, rng)
+    seen = {_key(p) for p in population}
+    for child in children:  # duplicates waste an evaluation slot: nudge them
+        for _ in range(3):
+            if _key(child) not in seen:
+                break
+            _mutate(child, flip, rng)
+        seen.add(_key(child))
+    return children
+
+
+def _front(cache: dict[str, tuple[float, float]]) -> list[tuple[str, tuple[float, float]]]:
+    """Non-dominated (quality up, cost down) evaluated genomes, cheapest first; the all-recompute genome excluded."""
+    items = sorted(((k, v) for k, v in cache.items() if "0" in k), key=lambda kv: (kv[1][1], -kv[1][0], kv[0]))
+    front, best = [], -np.inf
+    for bits, (q, c) in items:
+        if q > best:
+            front.append((bits, (q, c)))
+            best = q
+    return front
+
+
+def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by ``(quality, cost)`` points (quality up, cost down) above the reference (worst) point."""
+    area, best = 0.0, reference[0]
+    for q, c in sorted(points, key=lambda p: (p[1], -p[0])):
+        if c < reference[1] and q > best:
+            area += (q - best) * (reference[1] - c)
+            best = q
+    return area
+
+
+def _progress(generation: int, cache: dict[str, tuple[float, float]]) -> dict[str, float]:
+    front = [fitness for _, fitness in _front(cache)]
+    worst = min((q for q, _ in cache.values()), default=0.0)
+    return {"generation": generation, "evaluated": len(cache), "front": len(front),
+            "hypervolume": hypervolume(front, (worst, 1.0))}
+
+
+def _save(path: Path | None, setting: str, population: list[_Individual], generation: int,
+          cache: dict[str, tuple[float, float]], rng: random.Random, history: list[dict[str, float]],
+          main: bool) -> None:
+    if path is None or not main:
+        return
+    version, internal, gauss = rng.getstate()
+    data = {
+        "format": _CHECKPOINT_FORMAT, "setting": setting, "generation": generation,
+        "population": [[_key(ind), list(ind.fitness.values), ind.fitness.crowding_dist] for ind in population],
+        "evaluated": {k: list(v) for k, v in cache.items()},
+        "random_state": [version, list(internal), gauss], "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load(path: Path, setting: str, cache: dict[str, tuple[float, float]], rng: random.Random
+          ) -> tuple[list[_Individual], int, list[dict[str, float]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}")
+        if data["setting"] != setting:
+            raise SearchError(f"checkpoint {path} belongs to another search (model, prompts, budget measure or "
+                              "settings differ); use another output folder or delete it")
+        population = []
+        for bits, values, crowding in data["population"]:
+            individual = _Individual(int(b) for b in bits)
+            individual.fitness.values = tuple(values)
+            individual.fitness.crowding_dist = crowding
+            population.append(individual)
+        cache.update({k: tuple(v) for k, v in data["evaluated"].items()})
+        version, internal, gauss = data["random_state"]
+        rng.setstate((version, tuple(internal), gauss))
+        return population, int(data["generation"]), data["history"]
+    except SearchError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SearchError(f"checkpoint {path} is unreadable ({err}); delete it to start the search over") from None
+
+
+__all__ = ["EvolutionConfig", "EvolutionResult", "Genome", "QualityFn", "evolve", "hypervolume"]

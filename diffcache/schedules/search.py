@@ -1,0 +1,238 @@
+"""`diffcache.search`: find the schedule for *this* model on *these* prompts under a budget.
+
+Every method writes the same `Schedule`, so `accelerate`, eval and the CLI run its result unchanged:
+
+* ``"dp"``: CacheQuant's dynamic-programming segmentation (key steps where reuse hurts most), block level.
+* ``"bac"``: BAC, per-slot update steps by DP plus the Bubbling Union, component level on transformers.
+* ``"ecad"``: NSGA-II over all bits, quality measured on generated images; seeded with presets and DP results.
+* ``"router"``: HarmoniCa's learned router (transformers), thresholded to the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
+from ..errors import SearchError
+from ..runtime import suspended
+from ..schedule import Schedule
+from .budget import Budget, CostModel
+from .calibrate import Calibration, CalibrationData, calibrate, conditions_from
+from .dp import bac_schedule, dp_schedule
+from .evolution import EvolutionConfig, Genome, QualityFn, evolve
+from .presets import build_from_tag
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dp", "bac", "ecad", "router")
+QUALITY_NAMES = ("psnr", "accuracy", "fid")
+_DP_SEED_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+
+
+def search(
+    pipe: Any,
+    prompts: Sequence[str | int] | str | os.PathLike,
+    method: str = "dp",
+    budget: Budget | str | float = "2x",
+    *,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    granularity: str | None = None,
+    quality: str | QualityFn = "psnr",
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Schedule:
+    """Search a cache schedule for ``pipe`` on calibration ``prompts`` (text prompts or class ids, or a prompt
+    file) that fits ``budget``; returns a `Schedule` for ``diffcache.accelerate(pipe, schedule)``.
+
+    Args:
+        method: ``"dp"``, ``"bac"``, ``"ecad"`` or ``"router"``.
+        budget: ``"2x"`` (MACs speedup), ``"latency:2x"`` (this machine's per-module latency), ``"recompute:0.4"``
+            (fraction of slots) or a MACs fraction such as ``0.5``.
+        num_inference_steps, guidance_scale: the sampler setting to search for (default: the pipeline's).
+        seed, batch_size: calibration batch ``i`` uses seed ``seed + i``; every candidate sees the same noise.
+        granularity: ``"block"`` or ``"component"`` (default: component for ``bac``/``ecad``/``router`` on
+            transformers, block otherwise).
+        quality: ECAD's quality objective: ``"psnr"`` vs the full model, ``"accuracy"`` / ``"fid"`` with the
+            digits classifier (default models), or ``fn(images, full_images, conditions) -> higher is better``.
+        out_dir: keeps the calibration, the ECAD checkpoint, its Pareto front (``ecad-front.json``,
+            ``ecad-pareto.png``) and router logits; needed for ``resume``.
+        resume: continue an interrupted ECAD run from ``out_dir``.
+        options: method settings: ``dp``: ``branch`` (UNet), ``metric``, ``bounded``, ``weighted``; ``bac``:
+            ``metric``, ``upstream``, ``weighted``; ``ecad``: `EvolutionConfig` fields; ``router``: `RouterConfig`
+            fields.
+
+    Raises:
+        SearchError: unknown method or quality, an unreadable budget, or a budget no schedule meets.
+    """
+    if method not in METHODS:
+        raise SearchError(f"unknown search method {method!r}; choose from {list(METHODS)}")
+    budget = Budget.parse(budget)
+    denoiser = denoiser_of(pipe)
+    adapter = resolve_adapter(denoiser)
+    granularity = granularity or _default_granularity(method, adapter)
+    adapter.layout(granularity)
+    data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
+    out = Path(out_dir) if out_dir is not None else None
+    start = time.perf_counter()
+    with suspended(denoiser):
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
+        schedule = _METHODS[method](pipe, adapter, data, budget, cost_model, granularity, quality, out, resume,
+                                    progress, options)
+    fraction = cost_model.fraction(schedule)
+    meta = {
+        **schedule.meta, "budget": str(budget), "predicted_cost": round(fraction, 6),
+        "predicted_speedup": round(1 / fraction, 4), "search_seconds": round(time.perf_counter() - start, 1),
+        "calibration": {"conditions": len(data.conditions), "num_inference_steps": data.steps(pipe),
+                        "guidance_scale": guidance_scale, "seed": seed},
+    }
+    result = Schedule(schedule.recompute, schedule.units, schedule.components, method, schedule.params,
+                      adapter.model_info, meta, schedule.present)
+    logger.info("diffcache: %s search found a schedule at %.2fx predicted %s speedup (CUR %.1f%%) in %.0f s",
+                method, 1 / fraction, budget.measure, 100 * result.cache_usage_ratio, meta["search_seconds"])
+    return result
+
+
+def _default_granularity(method: str, adapter: Adapter) -> str:
+    if method in ("bac", "ecad", "router") and "component" in adapter.granularities:
+        return "component"
+    return BLOCK
+
+
+def _calibration(pipe: Any, data: CalibrationData, granularity: str, out: Path | None, progress: bool
+                 ) -> Calibration:
+    cache_dir = out / "calibration" if out is not None else None
+    return calibrate(pipe, data, granularity, cache_dir=cache_dir, progress=progress)
+
+
+def _dp(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
+    return dp_schedule(_calibration(pipe, data, granularity, out, progress), cost_model, budget, **options)
+
+
+def _bac(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
+    return bac_schedule(_calibration(pipe, data, granularity, out, progress), cost_model, budget, **options)
+
+
+def _ecad(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
+    try:
+        config = EvolutionConfig(**options)
+    except TypeError as err:
+        raise SearchError(f"ecad options: {err}; see diffcache.schedules.evolution.EvolutionConfig") from None
+    steps = data.steps(pipe)
+    template = Schedule.from_tag("none", adapter, steps) if granularity == BLOCK else _component_template(
+        adapter, steps)
+    genome = Genome(template, adapter.family == "unet")
+    seeds = _seed_schedules(pipe, adapter, data, granularity, steps, cost_model, out, progress)
+    score = quality if callable(quality) else quality_function(quality)
+    key = repr([adapter.model_info, data.key(), granularity, budget.measure, getattr(score, "__name__", "custom")])
+    result = evolve(pipe, data, genome, cost_model, score, seeds, config, key=key, progress=progress, resume=resume,
+                    checkpoint=out / "ecad-checkpoint.json" if out is not None else None)
+    if out is not None:
+        _write_front(result.front, out, quality if isinstance(quality, str) else "quality", cost_model.measure)
+    chosen = result.pick(budget)
+    return Schedule(chosen.recompute, chosen.units, chosen.components, "ecad", {**_config_params(config)},
+                    chosen.model, {"quality": chosen.meta["quality"], "front_size": len(result.front),
+                                   "evaluated": result.history[-1]["evaluated"]}, chosen.present)
+
+
+def _router(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options
+            ) -> Schedule:
+    from .router import RouterConfig, train_router
+
+    try:
+        config = RouterConfig(**options)
+    except TypeError as err:
+        raise SearchError(f"router options: {err}; see diffcache.schedules.router.RouterConfig") from None
+    router = train_router(pipe, adapter, data, granularity, config, progress=progress)
+    if out is not None:
+        router.save(out / "router.npz")
+    return router.schedule(cost_model, budget)
+
+
+_METHODS: dict[str, Callable[..., Schedule]] = {"dp": _dp, "bac": _bac, "ecad": _ecad, "router": _router}
+
+
+def _config_params(config: EvolutionConfig) -> dict[str, Any]:
+    return {"population": config.population, "generations": config.generations, "seed": config.seed}
+
+
+def _component_template(adapter: Adapter, steps: int) -> Schedule:
+    layout = adapter.layout("component")
+    grid = np.ones((steps, len(layout.units), len(layout.components)), dtype=bool)
+    return Schedule(grid, layout.units, layout.components, "none", present=layout.present)
+
+
+def _seed_schedules(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str, steps: int,
+                    cost_model: CostModel, out: Path | None, progress: bool) -> list[Schedule]:
+    """ECAD's seed population: uniform presets at several intervals (DeepCache branches on UNets, FORA on
+    transformers), then DP schedules at several budgets from one calibration."""
+    intervals = range(2, min(steps, 8) + 1)
+    if adapter.family == "unet":
+        deepest = len(adapter.unit_names) - 1
+        tags = [f"deepcache:interval={n},branch={b}" for n in intervals for b in sorted({0, deepest // 2})]
+    elif granularity == BLOCK:
+        tags = [f"uniform:interval={n}" for n in intervals]
+    else:
+        tags = [f"fora:interval={n}" for n in intervals]
+    seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
+    calibration = _calibration(pipe, data, granularity, out, progress)
+    for speedup in _DP_SEED_SPEEDUPS:
+        try:
+            seeds.append(dp_schedule(calibration, cost_model, Budget(cost_model.measure, 1 / speedup)))
+        except SearchError:
+            break
+    return seeds
+
+
+def quality_function(name: str) -> QualityFn:
+    """The built-in ECAD quality objectives (higher is better)."""
+    from ..eval.metrics import accuracy, fid, psnr
+
+    if name == "psnr":
+        def quality(images: np.ndarray, full: np.ndarray, conditions: Sequence[Any]) -> float:
+            return float(np.mean(psnr(images, full)))
+    elif name in ("accuracy", "fid"):
+        from ..models import load_classifier
+
+        classifier = load_classifier()
+
+        def quality(images: np.ndarray, full: np.ndarray, conditions: Sequence[Any]) -> float:
+            if name == "accuracy":
+                return accuracy(images, [int(c) for c in conditions], classifier)
+            return -fid(images, full, classifier)
+    else:
+        raise SearchError(f"unknown quality {name!r}; choose from {list(QUALITY_NAMES)} or pass a function")
+    quality.__name__ = name
+    return quality
+
+
+def _write_front(front: list[Schedule], out: Path, quality_name: str, measure: str) -> None:
+    """``ecad-front.json`` (every front schedule with its quality and predicted cost) and ``ecad-pareto.png``."""
+    import json
+
+    from ..eval.plots import pareto_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = [s.to_dict() for s in front]
+    tmp = out / "ecad-front.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, out / "ecad-front.json")
+    points = [(f"{s.meta['quality']:.1f}", 1 / s.meta["cost"], s.meta["quality"]) for s in front]
+    pareto_plot({"ECAD front": points}, out / "ecad-pareto.png", quality_name, lower_is_better=False,
+                speedup_label=f"predicted speedup ({measure} cost model, x)")
+
+
+__all__ = ["METHODS", "QUALITY_NAMES", "quality_function", "search"]
