@@ -52,24 +52,26 @@ class BenchRow:
 def compare_methods(
     pipe: Any,
     make_kwargs: Callable[[], dict[str, Any]],
-    tags: Sequence[str],
+    tags: Sequence[str | Schedule],
     repeats: int = 3,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag; returns one row per method (full first),
-    with the images of its warm-up call.
+    """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag (or searched `Schedule`, labelled
+    ``"<method> <budget>"``); returns one row per method (full first), with the images of its warm-up call.
 
     ``make_kwargs`` must return fresh arguments with a fixed seed each time (same images for the same method).
     The pipeline must call its denoiser once per step (batched CFG), as the built-in test pipelines do.
     """
     for tag in tags:
-        parse_tag(tag)
+        if isinstance(tag, str):
+            parse_tag(tag)
     restore(pipe)
     adapter = resolve_adapter(denoiser_of(pipe))
     num_steps = make_kwargs()["num_inference_steps"]
-    schedules = {tag: Schedule.from_tag(tag, adapter, num_steps) for tag in tags}
+    schedules = {label(t): Schedule.from_tag(t, adapter, num_steps) if isinstance(t, str) else t.resample(num_steps)
+                 for t in tags}
     granularities = {s.granularity for s in schedules.values()}
-    methods = [FULL, *tags]
+    methods = [FULL, *schedules]
     images: dict[str, np.ndarray] = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
@@ -114,6 +116,13 @@ def compare_methods(
                      psnr(images[method], images[FULL]), images[method])
         )
     return rows
+
+
+def label(method: str | Schedule) -> str:
+    """A method's name in tables: its tag, or ``"<method> <budget>"`` for a searched schedule."""
+    if isinstance(method, str):
+        return method
+    return method.tag or f"{method.method} {method.meta.get('budget', '')}".strip()
 
 
 def _amdahl(share: float, speedup: float) -> float:

@@ -1,7 +1,8 @@
 """`diffcache demo`: the full digits models against cache presets, speed and quality in one table.
 
-Everything runs offline on the embedded default models (`diffcache.models`): images per method use the same
-seeds and labels, speed is measured side by side with alternated runs (`bench.compare_methods`), quality is the
+Everything runs offline on the embedded default models (`diffcache.models`): besides the presets, each model gets
+a schedule searched for it (`diffcache.search`, dynamic programming on 10 calibration labels at another seed,
+latency budget ``SEARCH_BUDGET``). Images per method use the same seeds and labels, speed is measured side by side with alternated runs (`bench.compare_methods`), quality is the
 Fréchet distance of the digit classifier's features to held-out real digits, the classifier's accuracy on the
 requested labels, and PSNR against the full model's images.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..schedules.search import search
 from .bench import FULL, BenchRow, compare_methods
 from .metrics import accuracy, fid
 from .plots import image_grid, pareto_plot
@@ -23,6 +25,8 @@ DEMO_SCHEDULES = {
                     "deepcache:interval=3,mode=quadratic"],
 }
 GRID_COLUMNS = 10  # one image per digit class
+SEARCH_BUDGET = "latency:2.5x"
+SEARCH_SEED = 1000  # calibration noise differs from the evaluated images' (seed 0)
 
 
 def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repeats: int = 2,
@@ -44,7 +48,9 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
             return {"class_labels": labels, "guidance_scale": GUIDANCE_SCALE, "output_type": "np",
                     "num_inference_steps": NUM_INFERENCE_STEPS, "generator": torch.Generator("cpu").manual_seed(0)}
 
-        rows = compare_methods(pipe, make_kwargs, schedules, repeats, progress=progress)
+        searched = search(pipe, list(range(10)), "dp", SEARCH_BUDGET, num_inference_steps=NUM_INFERENCE_STEPS,
+                          guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, progress=progress)
+        rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress)
         scores = {r.method: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for r in rows}
         report.append(_table(name, rows, scores, len(labels)))
         for r in rows:

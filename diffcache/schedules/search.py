@@ -86,12 +86,19 @@ def search(
     data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
-    with suspended(denoiser):
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
-        schedule = _METHODS[method](pipe, adapter, data, budget, cost_model, granularity, quality, out, resume,
-                                    progress, options)
+    bars = getattr(pipe, "_progress_bar_config", None)  # diffusers' per-pipeline tqdm settings, put back after
+    try:
+        with suspended(denoiser):
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
+            cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
+            schedule = _METHODS[method](pipe, adapter, data, budget, cost_model, granularity, quality, out, resume,
+                                        progress, options)
+    finally:
+        if bars is None:
+            vars(pipe).pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = bars
     fraction = cost_model.fraction(schedule)
     meta = {
         **schedule.meta, "budget": str(budget), "predicted_cost": round(fraction, 6),
