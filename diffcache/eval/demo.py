@@ -1,10 +1,11 @@
-"""`diffcache demo`: the full digits models against cache presets, speed and quality in one table.
+"""`diffcache demo`: the full digits models against cache presets and a searched schedule, in one table.
 
 Everything runs offline on the embedded default models (`diffcache.models`): besides the presets, each model gets
 a schedule searched for it (`diffcache.search`, dynamic programming on 10 calibration labels at another seed,
-latency budget ``SEARCH_BUDGET``). Images per method use the same seeds and labels, speed is measured side by side with alternated runs (`bench.compare_methods`), quality is the
-Fréchet distance of the digit classifier's features to held-out real digits, the classifier's accuracy on the
-requested labels, and PSNR against the full model's images.
+budget ``SEARCH_BUDGET``). Images per method use the same seeds and labels, speed is measured side by side with
+alternated runs (`bench.compare_methods`), quality is the Fréchet distance of the digit classifier's features
+to held-out real digits, the classifier's accuracy on the requested labels, and PSNR against the full model's
+images.
 """
 
 from __future__ import annotations
