@@ -44,6 +44,10 @@ class Schedule:
         meta: free-form JSON-native metadata (search scores, resolution, ...).
         present: bool array ``(len(units), len(components))``; ``False`` where a unit lacks a component
             (Flux single blocks have no ``ff_context``). ``None`` means every slot exists.
+        forecast: what a reuse step serves: ``0`` the cached feature as computed (DeepCache, FORA, ECAD);
+            ``1`` a first-order Taylor forecast from the slot's last two computed values,
+            ``F_last + (k - k_last) * (F_last - F_prev) / (k_last - k_prev)`` (TaylorSeer, order 1), which
+            keeps two features per slot in memory.
 
     Raises:
         ScheduleError: wrong shape or dtype, duplicate names, a reuse at step 0, or a reuse in an absent slot.
@@ -57,8 +61,12 @@ class Schedule:
     model: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     present: np.ndarray | None = None
+    forecast: int = 0
 
     def __post_init__(self) -> None:
+        if self.forecast not in (0, 1) or isinstance(self.forecast, bool):
+            raise ScheduleError(f"forecast must be 0 (reuse the cached feature) or 1 (first-order Taylor forecast), "
+                                f"got {self.forecast!r}")
         recompute = np.asarray(self.recompute)
         if recompute.dtype != np.bool_:
             if recompute.size and not np.isin(recompute, (0, 1)).all():
@@ -186,7 +194,8 @@ class Schedule:
         new[0] = True
         new |= ~self.present_mask[None]
         meta = dict(self.meta, resampled_from=self.num_steps)
-        return Schedule(new, self.units, self.components, self.method, self.params, self.model, meta, self.present)
+        return Schedule(new, self.units, self.components, self.method, self.params, self.model, meta, self.present,
+                        self.forecast)
 
     # --------------------------------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +219,7 @@ class Schedule:
             "num_steps": self.num_steps,
             "steps": steps,
             "meta": self.meta,
-        }
+        } | ({"forecast": self.forecast} if self.forecast else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
@@ -255,6 +264,7 @@ class Schedule:
             model=data.get("model"),
             meta=dict(data.get("meta") or {}),
             present=present,
+            forecast=data.get("forecast", 0),
         )
 
     def save(self, path: str | os.PathLike) -> None:

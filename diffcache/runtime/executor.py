@@ -163,8 +163,22 @@ class Executor:
 
     # ----------------------------------------------------------------------------------------- cache
     def put(self, key: Any, value: Any) -> None:
+        """Cache a freshly computed value (with the previous one and both steps when the plan forecasts)."""
+        if self.plan.forecast:
+            last = self.store.get(key) if key in self.store else (None, None, None, None)
+            value = (value, self.step, last[0], last[1])
         self.cache_bytes += self.store.put(key, value)
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+
+    def cached(self, key: Any) -> Any:
+        """What a reuse step gets: the cached value, or its first-order Taylor forecast to the current step."""
+        entry = self.store.get(key)
+        if not self.plan.forecast:
+            return entry
+        value, step, previous, previous_step = entry
+        if previous is None:
+            return value
+        return _extrapolate(value, previous, (self.step - step) / (step - previous_step))
 
     def warn_missing(self, what: str) -> None:
         self.warn_once(
@@ -185,6 +199,15 @@ def _reference(obj: Any) -> Callable[[], Any]:
         return weakref.ref(obj)
     except TypeError:
         return lambda: obj
+
+
+def _extrapolate(last: Any, previous: Any, factor: float) -> Any:
+    """``last + factor * (last - previous)`` for tensors, element-wise through tuples; anything else is kept."""
+    if isinstance(last, torch.Tensor):
+        return last + (last - previous) * factor
+    if isinstance(last, tuple):
+        return tuple(_extrapolate(a, b, factor) for a, b in zip(last, previous))
+    return last
 
 
 def _first_reuse(row: list[list[bool]]) -> int | None:

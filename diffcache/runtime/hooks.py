@@ -76,7 +76,7 @@ class ComponentHook(ModelHook):
         if not ex.row[self.unit][self.component]:
             if key in ex.store:
                 ex.stats.record(ex.step, self.unit, computed=False)
-                return ex.store.get(key)
+                return ex.cached(key)
             ex.warn_missing(f"{ex.plan.units[self.unit]}.{ex.plan.components[self.component]}")
         output = self.fn_ref.original_forward(*args, **kwargs)
         ex.stats.record(ex.step, self.unit, computed=True)
@@ -119,7 +119,7 @@ class BlockHook(ModelHook):
         if not ex.row[self.unit][0]:
             if key in ex.store:
                 ex.stats.record(ex.step, self.unit, computed=False)
-                deltas = ex.store.get(key)
+                deltas = ex.cached(key)
                 outputs = tuple(
                     None if d is None else self._input(s, args, kwargs) + d for s, d in zip(streams, deltas)
                 )
@@ -163,7 +163,7 @@ class UNetLayerHook(ModelHook):
                         f"{layer.name} got {x.shape[1]} channels on a cached step, expected the "
                         f"{layer.skip_channels}-channel skip alone; the UNet's forward differs from diffusers'"
                     )
-                feature, memory_format = ex.store.get(("F", j))
+                feature, memory_format = ex.cached(("F", j))
                 # Same memory layout as on the full step (oneDNN may hand out channels_last), so the resnet
                 # computes in the same order and unchanged inputs reproduce the full step bit for bit.
                 joined = torch.cat([feature, x], dim=1).contiguous(memory_format=memory_format)

@@ -112,7 +112,7 @@ class Genome:
         if self.unet:  # as many shells as ones, shallowest first
             grid = (-np.sort(-grid.astype(int), axis=1)).astype(bool)
         t = self.template
-        return Schedule(grid, t.units, t.components, "ecad", {}, t.model, meta, t.present)
+        return Schedule(grid, t.units, t.components, "ecad", {}, t.model, meta, t.present, t.forecast)
 
 
 def evolve(

@@ -3,8 +3,9 @@
 
 A tag is ``name[:key=value,...]``. Presets register with :func:`register_preset`; the parameters a tag may
 set are the keyword arguments of the registered function (typed by their defaults), so adding a preset never
-means editing a parser. A schedule made from a preset keeps ``method``/``params`` and is regenerated exactly
-at another step count.
+means editing a parser. Every tag also takes ``forecast=1`` (serve reuse steps a first-order Taylor forecast
+instead of the cached feature, see `Schedule`). A schedule made from a preset keeps ``method``/``params`` and
+is regenerated exactly at another step count.
 """
 
 from __future__ import annotations
@@ -72,13 +73,13 @@ def parse_tag(tag: str) -> tuple[str, dict[str, Any]]:
         raise ScheduleError(
             f"unknown schedule tag {name!r}; known presets: {preset_names()} (or pass a Schedule or a JSON path)"
         )
-    preset = _PRESETS[name]
+    defaults = _PRESETS[name].defaults | {"forecast": 0}
     params: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in preset.defaults:
-            raise ScheduleError(f"tag {tag!r}: {item!r} is not key=value with key in {sorted(preset.defaults)}")
-        default = preset.defaults[key]
+        if not eq or key not in defaults:
+            raise ScheduleError(f"tag {tag!r}: {item!r} is not key=value with key in {sorted(defaults)}")
+        default = defaults[key]
         kind = type(default) if default is not None else int
         try:
             params[key] = kind(value)
@@ -108,7 +109,8 @@ def build_from_tag(tag: str, adapter: Adapter, num_steps: int) -> Schedule:
 def regenerate(schedule: Schedule, num_steps: int) -> Schedule:
     """Rebuild a preset schedule at another step count (same units, components, params)."""
     layout = Layout("", schedule.units, schedule.components, schedule.present)
-    return _build(schedule.method, schedule.params, layout, num_steps, schedule.model, schedule.meta)
+    return _build(schedule.method, schedule.params, layout, num_steps, schedule.model, schedule.meta,
+                  schedule.forecast)
 
 
 def _build(
@@ -118,13 +120,16 @@ def _build(
     num_steps: int,
     model: dict[str, str] | None,
     meta: dict[str, Any] | None = None,
+    forecast: int | None = None,
 ) -> Schedule:
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ScheduleError(f"num_steps must be a positive int, got {num_steps!r}")
-    recompute = np.asarray(_PRESETS[name].fn(layout, num_steps, **params), dtype=bool)
+    shape_params = {k: v for k, v in params.items() if k != "forecast"}
+    recompute = np.asarray(_PRESETS[name].fn(layout, num_steps, **shape_params), dtype=bool)
     if layout.present is not None:
         recompute = recompute | ~layout.present[None]
-    return Schedule(recompute, layout.units, layout.components, name, params, model, meta or {}, layout.present)
+    return Schedule(recompute, layout.units, layout.components, name, params, model, meta or {}, layout.present,
+                    params.get("forecast", 0) if forecast is None else forecast)
 
 
 def _grid(layout: Layout, num_steps: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def search(
     quality: str | QualityFn = "psnr",
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    forecast: int = 0,
     progress: bool = True,
     **options: Any,
 ) -> Schedule:
@@ -69,6 +71,8 @@ def search(
         out_dir: keeps the calibration, the ECAD checkpoint, its Pareto front (``ecad-front.json``,
             ``ecad-pareto.png``) and router logits; needed for ``resume``.
         resume: continue an interrupted ECAD run from ``out_dir``.
+        forecast: ``1`` makes reuse steps serve a first-order Taylor forecast (see `Schedule`); ECAD then
+            judges every candidate with forecasting.
         options: method settings: ``dp``: ``branch`` (UNet), ``metric``, ``bounded``, ``weighted``; ``bac``:
             ``metric``, ``upstream``, ``weighted``; ``ecad``: `EvolutionConfig` fields; ``router``: `RouterConfig`
             fields.
@@ -92,8 +96,8 @@ def search(
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
-            schedule = _METHODS[method](pipe, adapter, data, budget, cost_model, granularity, quality, out, resume,
-                                        progress, options)
+            job = _Job(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, forecast)
+            schedule = _METHODS[method](job, options)
     finally:
         if bars is None:
             vars(pipe).pop("_progress_bar_config", None)
@@ -106,8 +110,7 @@ def search(
         "calibration": {"conditions": len(data.conditions), "num_inference_steps": data.steps(pipe),
                         "guidance_scale": guidance_scale, "seed": seed},
     }
-    result = Schedule(schedule.recompute, schedule.units, schedule.components, method, schedule.params,
-                      adapter.model_info, meta, schedule.present)
+    result = replace(schedule, method=method, model=adapter.model_info, meta=meta, forecast=forecast)
     logger.info("diffcache: %s search found a schedule at %.2fx predicted %s speedup (CUR %.1f%%) in %.0f s",
                 method, 1 / fraction, budget.measure, 100 * result.cache_usage_ratio, meta["search_seconds"])
     return result
@@ -119,83 +122,99 @@ def _default_granularity(method: str, adapter: Adapter) -> str:
     return BLOCK
 
 
-def _calibration(pipe: Any, data: CalibrationData, granularity: str, out: Path | None, progress: bool
-                 ) -> Calibration:
-    cache_dir = out / "calibration" if out is not None else None
-    return calibrate(pipe, data, granularity, cache_dir=cache_dir, progress=progress)
+@dataclass
+class _Job:
+    """One search: what every method needs."""
+
+    pipe: Any
+    adapter: Adapter
+    data: CalibrationData
+    budget: Budget
+    cost_model: CostModel
+    granularity: str
+    quality: str | QualityFn
+    out: Path | None
+    resume: bool
+    progress: bool
+    forecast: int
+
+    def calibration(self) -> Calibration:
+        cache_dir = self.out / "calibration" if self.out is not None else None
+        return calibrate(self.pipe, self.data, self.granularity, cache_dir=cache_dir, progress=self.progress)
 
 
-def _dp(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
-    return dp_schedule(_calibration(pipe, data, granularity, out, progress), cost_model, budget, **options)
+def _dp(job: _Job, options: dict[str, Any]) -> Schedule:
+    return dp_schedule(job.calibration(), job.cost_model, job.budget, **options)
 
 
-def _bac(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
-    return bac_schedule(_calibration(pipe, data, granularity, out, progress), cost_model, budget, **options)
+def _bac(job: _Job, options: dict[str, Any]) -> Schedule:
+    return bac_schedule(job.calibration(), job.cost_model, job.budget, **options)
 
 
-def _ecad(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options) -> Schedule:
+def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     try:
         config = EvolutionConfig(**options)
     except TypeError as err:
         raise SearchError(f"ecad options: {err}; see diffcache.schedules.evolution.EvolutionConfig") from None
-    steps = data.steps(pipe)
-    template = Schedule.from_tag("none", adapter, steps) if granularity == BLOCK else _component_template(
-        adapter, steps)
+    steps, adapter = job.data.steps(job.pipe), job.adapter
+    layout = adapter.layout(job.granularity)
+    template = Schedule(np.ones((steps, len(layout.units), len(layout.components)), dtype=bool), layout.units,
+                        layout.components, "none", {}, adapter.model_info, present=layout.present,
+                        forecast=job.forecast)
     genome = Genome(template, adapter.family == "unet")
-    seeds = _seed_schedules(pipe, adapter, data, granularity, steps, cost_model, out, progress)
-    score = quality if callable(quality) else quality_function(quality)
-    key = repr([adapter.model_info, data.key(), granularity, budget.measure, getattr(score, "__name__", "custom")])
-    result = evolve(pipe, data, genome, cost_model, score, seeds, config, key=key, progress=progress, resume=resume,
-                    checkpoint=out / "ecad-checkpoint.json" if out is not None else None)
-    if out is not None:
-        _write_front(result.front, out, quality if isinstance(quality, str) else "quality", cost_model.measure)
-    chosen = result.pick(budget)
-    return Schedule(chosen.recompute, chosen.units, chosen.components, "ecad", {**_config_params(config)},
-                    chosen.model, {"quality": chosen.meta["quality"], "front_size": len(result.front),
-                                   "evaluated": result.history[-1]["evaluated"]}, chosen.present)
+    # Candidates are judged as they will run: with the search's forecast setting.
+    seeds = [replace(seed, forecast=job.forecast) for seed in _seed_schedules(job, steps)]
+    score = job.quality if callable(job.quality) else quality_function(job.quality)
+    key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
+                getattr(score, "__name__", "custom")])
+    result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
+                    progress=job.progress, resume=job.resume,
+                    checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)
+    if job.out is not None:
+        name = job.quality if isinstance(job.quality, str) else "quality"
+        _write_front(result.front, job.out, name, job.cost_model.measure)
+    chosen = result.pick(job.budget)
+    meta = {"quality": chosen.meta["quality"], "front_size": len(result.front),
+            "evaluated": result.history[-1]["evaluated"]}
+    return replace(chosen, params=_config_params(config), meta=meta)
 
 
-def _router(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, options
-            ) -> Schedule:
+def _router(job: _Job, options: dict[str, Any]) -> Schedule:
     from .router import RouterConfig, train_router
 
     try:
         config = RouterConfig(**options)
     except TypeError as err:
         raise SearchError(f"router options: {err}; see diffcache.schedules.router.RouterConfig") from None
-    router = train_router(pipe, adapter, data, granularity, config, progress=progress)
-    if out is not None:
-        router.save(out / "router.npz")
-    return router.schedule(cost_model, budget)
+    router = train_router(job.pipe, job.adapter, job.data, job.granularity, config, progress=job.progress)
+    if job.out is not None:
+        router.save(job.out / "router.npz")
+    return router.schedule(job.cost_model, job.budget)
 
 
-_METHODS: dict[str, Callable[..., Schedule]] = {"dp": _dp, "bac": _bac, "ecad": _ecad, "router": _router}
+_METHODS: dict[str, Callable[[_Job, dict[str, Any]], Schedule]] = {
+    "dp": _dp, "bac": _bac, "ecad": _ecad, "router": _router,
+}
 
 
 def _config_params(config: EvolutionConfig) -> dict[str, Any]:
     return {"population": config.population, "generations": config.generations, "seed": config.seed}
 
 
-def _component_template(adapter: Adapter, steps: int) -> Schedule:
-    layout = adapter.layout("component")
-    grid = np.ones((steps, len(layout.units), len(layout.components)), dtype=bool)
-    return Schedule(grid, layout.units, layout.components, "none", present=layout.present)
-
-
-def _seed_schedules(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str, steps: int,
-                    cost_model: CostModel, out: Path | None, progress: bool) -> list[Schedule]:
+def _seed_schedules(job: _Job, steps: int) -> list[Schedule]:
     """ECAD's seed population: uniform presets at several intervals (DeepCache branches on UNets, FORA on
     transformers), then DP schedules at several budgets from one calibration."""
+    adapter, cost_model = job.adapter, job.cost_model
     intervals = range(2, min(steps, 8) + 1)
     if adapter.family == "unet":
         deepest = len(adapter.unit_names) - 1
         tags = [f"deepcache:interval={n},branch={b}" for n in intervals for b in sorted({0, deepest // 2})]
-    elif granularity == BLOCK:
+    elif job.granularity == BLOCK:
         tags = [f"uniform:interval={n}" for n in intervals]
     else:
         tags = [f"fora:interval={n}" for n in intervals]
     seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
-    calibration = _calibration(pipe, data, granularity, out, progress)
+    calibration = job.calibration()
     for speedup in _DP_SEED_SPEEDUPS:
         try:
             seeds.append(dp_schedule(calibration, cost_model, Budget(cost_model.measure, 1 / speedup)))
@@ -237,7 +256,7 @@ def _write_front(front: list[Schedule], out: Path, quality_name: str, measure: s
     tmp = out / "ecad-front.json.tmp"
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, out / "ecad-front.json")
-    points = [(f"{s.meta['quality']:.1f}", 1 / s.meta["cost"], s.meta["quality"]) for s in front]
+    points = [("", 1 / s.meta["cost"], s.meta["quality"]) for s in front]  # values are on the axes
     pareto_plot({"ECAD front": points}, out / "ecad-pareto.png", quality_name, lower_is_better=False,
                 speedup_label=f"predicted speedup ({measure} cost model, x)")
 
