@@ -116,7 +116,8 @@ def _search(args: argparse.Namespace) -> int:
     schedule = search(
         pipe, conditions, args.method, budget, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, batch_size=args.batch_size, granularity=args.granularity, quality=args.quality,
-        out_dir=out.parent / f"{out.stem}-search", resume=args.resume, progress=not args.quiet, **options,
+        out_dir=out.parent / f"{out.stem}-search", resume=args.resume, forecast=args.forecast,
+        progress=not args.quiet, **options,
     )
     schedule.save(out)
     meta = schedule.meta
@@ -275,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
+    search.add_argument("--forecast", type=int, choices=[0, 1], default=0,
+                        help="1: reuse steps serve a first-order Taylor forecast of the cache (better quality, "
+                        "twice the cache memory); default 0 copies it")
     search.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="method setting, repeatable: generations=20, population=24, branch=0, epochs=8, ...")
     search.set_defaults(handler=_search, parser=search)

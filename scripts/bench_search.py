@@ -28,10 +28,9 @@ from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifie
 
 PRESETS = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
-                   "uniform:interval=3,forecast=1", "uniform:interval=4,forecast=1"],
+                   "uniform:interval=3,warmup=2,forecast=1", "uniform:interval=4,warmup=2,forecast=1"],
     "digits-unet": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=4",
-                    "deepcache:interval=3,forecast=1", "deepcache:interval=4,forecast=1",
-                    "deepcache:interval=5,forecast=1"],
+                    "deepcache:interval=3,warmup=2,forecast=1", "deepcache:interval=4,warmup=2,forecast=1"],
 }
 # (method, forecast): reuse steps copy the cache (0) or serve its first-order forecast (1)
 SEARCHES = {
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["latency:2x", "latency:3x"])
     parser.add_argument("--per-class", type=int, default=10, help="held-out images per class (default 10)")
     parser.add_argument("--calibration", type=int, default=20, help="calibration labels (default 20)")
-    parser.add_argument("--generations", type=int, default=8, help="ECAD generations (default 8)")
+    parser.add_argument("--generations", type=int, default=10, help="ECAD generations (default 10)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
     parser.add_argument("--work", default="bench-search", help="folder for calibrations/checkpoints (resumable)")
     args = parser.parse_args()

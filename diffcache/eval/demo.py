@@ -2,10 +2,10 @@
 
 Everything runs offline on the embedded default models (`diffcache.models`): besides the presets, each model gets
 a schedule searched for it (`diffcache.search`, dynamic programming on 10 calibration labels at another seed,
-budget ``SEARCH_BUDGET``). Images per method use the same seeds and labels, speed is measured side by side with
-alternated runs (`bench.compare_methods`), quality is the Fréchet distance of the digit classifier's features
-to held-out real digits, the classifier's accuracy on the requested labels, and PSNR against the full model's
-images.
+budget ``SEARCH_BUDGET``, reuse steps forecast to first order). Images per method use the same seeds and
+labels, speed is measured side by side with alternated runs (`bench.compare_methods`), quality is the Fréchet
+distance of the digit classifier's features to held-out real digits, the classifier's accuracy on the requested
+labels, and PSNR against the full model's images.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from .metrics import accuracy, fid
 from .plots import image_grid, pareto_plot
 
 DEMO_SCHEDULES = {
-    "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3"],
+    "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
+                   "uniform:interval=3,warmup=2,forecast=1"],
     "digits-unet": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=5",
-                    "deepcache:interval=3,mode=quadratic"],
+                    "deepcache:interval=3,mode=quadratic", "deepcache:interval=4,warmup=2,forecast=1"],
 }
 GRID_COLUMNS = 10  # one image per digit class
 SEARCH_BUDGET = "latency:2.5x"
@@ -50,7 +51,8 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
                     "num_inference_steps": NUM_INFERENCE_STEPS, "generator": torch.Generator("cpu").manual_seed(0)}
 
         searched = search(pipe, list(range(10)), "dp", SEARCH_BUDGET, num_inference_steps=NUM_INFERENCE_STEPS,
-                          guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, progress=progress)
+                          guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, forecast=1,
+                          progress=progress)
         rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress)
         scores = {r.method: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for r in rows}
         report.append(_table(name, rows, scores, len(labels)))

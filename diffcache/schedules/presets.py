@@ -141,9 +141,13 @@ def _check_interval(interval: int) -> None:
         raise ScheduleError(f"interval must be >= 1 (1 = recompute every step), got {interval}")
 
 
-def _every(num_steps: int, interval: int) -> np.ndarray:
+def _every(num_steps: int, interval: int, warmup: int = 1) -> np.ndarray:
+    """Key steps: the first ``warmup`` steps, then every ``interval`` steps after the last of them."""
     _check_interval(interval)
-    return np.arange(num_steps) % interval == 0
+    if warmup < 1:
+        raise ScheduleError(f"warmup must be >= 1 (step 0 always computes), got {warmup}")
+    steps = np.arange(num_steps)
+    return (steps < warmup) | ((steps - warmup + 1) % interval == 0)
 
 
 @register_preset("none")
@@ -153,8 +157,12 @@ def none(layout: Layout, num_steps: int) -> np.ndarray:
 
 
 @register_preset("uniform")
-def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str = BLOCK) -> np.ndarray:
+def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str = BLOCK, warmup: int = 1
+            ) -> np.ndarray:
     """Every unit recomputes at steps 0, N, 2N, ... and reuses its cache in between.
+
+    ``warmup=W`` computes the first W steps in full and counts the interval from the last of them (W = 2 gives a
+    forecast its two points right away, as TaylorSeer's warm-up does).
 
     ``granularity="block"`` caches whole units (a UNet's deepest-to-shallowest branches all at once, i.e.
     DeepCache branch 0; a transformer block's residual); ``"component"`` caches transformer sub-modules.
@@ -162,15 +170,16 @@ def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str 
     if granularity not in (BLOCK, "component"):
         raise ScheduleError(f"granularity must be 'block' or 'component', got {granularity!r}")
     grid = _grid(layout, num_steps)
-    grid[~_every(num_steps, interval)] = False
+    grid[~_every(num_steps, interval, warmup)] = False
     return grid
 
 
 @register_preset("fora", granularity="component", families=("transformer",))
-def fora(layout: Layout, num_steps: int, interval: int = 2) -> np.ndarray:
-    """FORA: every block's attention and feed-forward outputs (pre-gate) refreshed every N steps."""
+def fora(layout: Layout, num_steps: int, interval: int = 2, warmup: int = 1) -> np.ndarray:
+    """FORA: every block's attention and feed-forward outputs (pre-gate) refreshed every N steps (after
+    ``warmup`` full steps, as in ``uniform``)."""
     grid = _grid(layout, num_steps)
-    grid[~_every(num_steps, interval)] = False
+    grid[~_every(num_steps, interval, warmup)] = False
     return grid
 
 
@@ -183,6 +192,7 @@ def deepcache(
     mode: str = "uniform",
     center: int = -1,
     power: float = 1.2,
+    warmup: int = 1,
 ) -> np.ndarray:
     """DeepCache: full steps at key steps; other steps reuse the deep feature of skip branch ``branch``.
 
@@ -194,6 +204,7 @@ def deepcache(
             key steps denser around ``center``).
         center: quadratic mode's densest step; default -1 means ``int(0.4 * num_steps)``.
         power: quadratic mode's starting exponent; lowered by 0.02 until ``ceil(T/N)`` distinct key steps fit.
+        warmup: uniform mode: full steps before the interval starts counting (as in ``uniform``).
     """
     num_units = len(layout.units)
     if not 0 <= branch < num_units:
@@ -202,7 +213,7 @@ def deepcache(
             f"{num_units - 1} = mid block only: {layout.units[-1]}), got {branch}"
         )
     if mode == "uniform":
-        key = _every(num_steps, interval)
+        key = _every(num_steps, interval, warmup)
     elif mode == "quadratic":
         _check_interval(interval)
         key = np.zeros(num_steps, dtype=bool)

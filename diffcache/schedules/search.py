@@ -203,16 +203,18 @@ def _config_params(config: EvolutionConfig) -> dict[str, Any]:
 
 def _seed_schedules(job: _Job, steps: int) -> list[Schedule]:
     """ECAD's seed population: uniform presets at several intervals (DeepCache branches on UNets, FORA on
-    transformers), then DP schedules at several budgets from one calibration."""
+    transformers; with a forecast also after two warm-up steps), then DP schedules at several budgets."""
     adapter, cost_model = job.adapter, job.cost_model
     intervals = range(2, min(steps, 8) + 1)
+    warmups = (1, 2) if job.forecast else (1,)  # a forecast wants its two points early (TaylorSeer's warm-up)
     if adapter.family == "unet":
         deepest = len(adapter.unit_names) - 1
-        tags = [f"deepcache:interval={n},branch={b}" for n in intervals for b in sorted({0, deepest // 2})]
+        tags = [f"deepcache:interval={n},branch={b},warmup={w}"
+                for n in intervals for b in sorted({0, deepest // 2}) for w in warmups]
     elif job.granularity == BLOCK:
-        tags = [f"uniform:interval={n}" for n in intervals]
+        tags = [f"uniform:interval={n},warmup={w}" for n in intervals for w in warmups]
     else:
-        tags = [f"fora:interval={n}" for n in intervals]
+        tags = [f"fora:interval={n},warmup={w}" for n in intervals for w in warmups]
     seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
     calibration = job.calibration()
     for speedup in _DP_SEED_SPEEDUPS:

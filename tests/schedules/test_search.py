@@ -194,10 +194,11 @@ def test_cli_search_writes_a_schedule_that_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a red car\na blue bird\n")
     code = main(["-q", "search", "--pipeline", str(tmp_path / "sd"), "--prompts", "prompts.txt", "--budget", "2x",
-                 "--steps", "6", "--out", "s.json", "--option", "branch=1"])
+                 "--steps", "6", "--out", "s.json", "--option", "branch=1", "--forecast", "1"])
     assert code == 0
     schedule = diffcache.Schedule.load(tmp_path / "s.json")
     assert schedule.method == "dp" and schedule.params["branch"] == 1 and schedule.meta["predicted_speedup"] >= 2
+    assert schedule.forecast == 1
     assert "wrote s.json" in capsys.readouterr().out
     code = main(["-q", "run", "--pipeline", str(tmp_path / "sd"), "--schedule", "s.json", "--prompt", "a cat",
                  "--steps", "6", "--out", "cat.png"])
