@@ -163,10 +163,11 @@ class Executor:
 
     # ----------------------------------------------------------------------------------------- cache
     def put(self, key: Any, value: Any) -> None:
-        """Cache a freshly computed value (with the previous one and both steps when the plan forecasts)."""
+        """Cache a freshly computed value; a forecasting plan also keeps its slope from the previous value."""
         if self.plan.forecast:
-            last = self.store.get(key) if key in self.store else (None, None, None, None)
-            value = (value, self.step, last[0], last[1])
+            last = self.store.get(key) if key in self.store else None
+            slope = None if last is None else _slope(value, last[0], self.step - last[1])
+            value = (value, self.step, slope)
         self.cache_bytes += self.store.put(key, value)
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
 
@@ -175,10 +176,8 @@ class Executor:
         entry = self.store.get(key)
         if not self.plan.forecast:
             return entry
-        value, step, previous, previous_step = entry
-        if previous is None:
-            return value
-        return _extrapolate(value, previous, (self.step - step) / (step - previous_step))
+        value, step, slope = entry
+        return value if slope is None else _forecast(value, slope, self.step - step)
 
     def warn_missing(self, what: str) -> None:
         self.warn_once(
@@ -201,13 +200,22 @@ def _reference(obj: Any) -> Callable[[], Any]:
         return lambda: obj
 
 
-def _extrapolate(last: Any, previous: Any, factor: float) -> Any:
-    """``last + factor * (last - previous)`` for tensors, element-wise through tuples; anything else is kept."""
-    if isinstance(last, torch.Tensor):
-        return last + (last - previous) * factor
-    if isinstance(last, tuple):
-        return tuple(_extrapolate(a, b, factor) for a, b in zip(last, previous))
-    return last
+def _slope(value: Any, previous: Any, steps: int) -> Any:
+    """``(value - previous) / steps`` for tensors, element-wise through tuples; anything else is ``None``."""
+    if isinstance(value, torch.Tensor):
+        return (value - previous) / steps
+    if isinstance(value, tuple):
+        return tuple(_slope(a, b, steps) for a, b in zip(value, previous))
+    return None
+
+
+def _forecast(value: Any, slope: Any, steps: int) -> Any:
+    """``value + steps * slope`` (one fused op per tensor); non-tensors are kept as they are."""
+    if isinstance(value, torch.Tensor):
+        return torch.add(value, slope, alpha=steps)
+    if isinstance(value, tuple):
+        return tuple(_forecast(a, b, steps) for a, b in zip(value, slope))
+    return value
 
 
 def _first_reuse(row: list[list[bool]]) -> int | None:

@@ -83,3 +83,16 @@ def test_forecast_in_json_tags_and_resampling(tmp_path):
     for bad in (2, -1, True, "1"):
         with pytest.raises(ScheduleError, match="forecast must be 0"):
             Schedule(plain.recompute, plain.units, plain.components, forecast=bad)
+
+
+def test_warmup_computes_the_first_steps_then_counts_the_interval():
+    pipe = build_pipeline("dit")
+    schedule = Schedule.from_tag("uniform:interval=4,warmup=2,forecast=1", pipe.transformer, 12)
+    assert np.flatnonzero(schedule.recompute.all(axis=(1, 2))).tolist() == [0, 1, 5, 9]
+    assert np.flatnonzero(Schedule.from_tag("fora:interval=3", pipe.transformer, 12).recompute.all(axis=(1, 2))
+                          ).tolist() == [0, 3, 6, 9]
+    unet = build_pipeline("sd").unet
+    deepcache = Schedule.from_tag("deepcache:interval=3,warmup=3", unet, 10)
+    assert np.flatnonzero(deepcache.recompute.all(axis=(1, 2))).tolist() == [0, 1, 2, 5, 8]
+    with pytest.raises(ScheduleError, match="warmup must be >= 1"):
+        Schedule.from_tag("uniform:interval=2,warmup=0", pipe.transformer, 12)
