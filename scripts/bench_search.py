@@ -1,11 +1,12 @@
 """Searched schedules vs presets vs diffusers' own caches on the embedded digits models (CPU, one process).
 
 For each model: search dp / bac / ecad / router (DiT) schedules at two latency budgets on calibration labels
-(seed 0), then generate a held-out set (other seeds) with every method, time the methods side by side (one
-warm-up, then alternated runs, median), and score quality: Fréchet distance of the digit classifier's features to
-real held-out digits, classifier accuracy, PSNR vs the full model. Search cost is reported per method.
+(seed 0), then generate a held-out set (another seed) with every method, time the methods side by side with
+`diffcache.eval.bench.compare_methods` (one warm-up, then alternated runs, median), and score quality:
+Fréchet distance of the digit classifier's features to real held-out digits, classifier accuracy, PSNR vs the
+full model. Search cost is reported per method.
 
-    python scripts/bench_search.py                      # both models, ~25 min on 2 cores
+    python scripts/bench_search.py                      # both models, ~30 min on 2 cores
     python scripts/bench_search.py --models digits-unet --per-class 5 --repeats 1
 """
 
@@ -13,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffcache
 from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache
-from diffcache.eval.metrics import accuracy, fid, psnr
+from diffcache.eval.bench import compare_methods, label
+from diffcache.eval.metrics import accuracy, fid
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifier, load_pipeline, real_digits
 
 PRESETS = {
@@ -71,60 +71,41 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(10 * args.per_class)]
     calibration = [i % 10 for i in range(args.calibration)]
-    methods: dict[str, Callable[[], contextlib.AbstractContextManager]] = {"full": contextlib.nullcontext}
+    methods: list[str | diffcache.Schedule] = list(PRESETS[name])
     notes, search_cost = [], {}
-    for tag in PRESETS[name]:
-        methods[tag] = lambda tag=tag: diffcache.accelerated(pipe, tag)
     for method, forecast in SEARCHES[name]:
         for budget in args.budgets:
             options = {"generations": args.generations} if method == "ecad" else {}
-            label = f"{method}{',forecast=1' if forecast else ''} ({budget})"
             start = time.perf_counter()
             schedule = diffcache.search(
                 pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
                 guidance_scale=GUIDANCE_SCALE, batch_size=10, forecast=forecast, resume=True, progress=False,
                 out_dir=Path(args.work) / name / f"{method}-f{forecast}", **options,
             )
-            search_cost[label] = time.perf_counter() - start
-            methods[label] = lambda s=schedule: diffcache.accelerated(pipe, s)
+            search_cost[label(schedule)] = time.perf_counter() - start
+            methods.append(schedule)
+    baselines: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
     for baseline, params in BASELINES[name]:
-        label = f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
+        title = f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
         try:
             with diffusers_cache(pipe, baseline, **params):
                 pipe(**call(labels[:2], 2))
-            methods[label] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
+            baselines[title] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
         except BaselineUnavailable as err:
-            notes.append(f"- {label}: not applicable ({err})")
-
-    images, wall, cpu = {}, {m: [] for m in methods}, {m: [] for m in methods}
-    for round_index in range(args.repeats + 1):  # round 0 warms up and keeps the images
-        for method, enter in methods.items():
-            with enter():
-                w0, c0 = time.perf_counter(), time.process_time()
-                out = pipe(**call(labels, NUM_INFERENCE_STEPS)).images
-                w1, c1 = time.perf_counter(), time.process_time()
-            if round_index == 0:
-                images[method] = np.asarray(out)
-            else:
-                wall[method].append(w1 - w0)
-                cpu[method].append(c1 - c0)
-    full_wall, full_cpu = statistics.median(wall["full"]), statistics.median(cpu["full"])
-    rows = []
-    for method in methods:
-        rows.append((
-            method, full_wall / statistics.median(wall[method]), full_cpu / statistics.median(cpu[method]),
-            fid(images[method], real, classifier), accuracy(images[method], labels, classifier),
-            float(np.mean(psnr(images[method], images["full"]))),
-        ))
+            notes.append(f"- {title}: not applicable ({err})")
+    rows = compare_methods(pipe, lambda: call(labels, NUM_INFERENCE_STEPS), methods, args.repeats, progress=False,
+                           others=baselines)
     lines = [
         f"**{name}** ({len(labels)} held-out images per method, seed 1000, {NUM_INFERENCE_STEPS} DDIM steps, "
         f"guidance {GUIDANCE_SCALE}; search on {len(calibration)} labels at seed 0; 1 thread)",
         "",
-        "| method | measured speedup | CPU-time speedup | FID (digits) | accuracy | PSNR vs full dB |",
-        "|---|---|---|---|---|---|",
+        "| method | measured speedup | CPU-time speedup | MACs speedup | FID (digits) | accuracy | PSNR vs full dB |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method, speed, cpu_speed, frechet, acc, db in sorted(rows, key=lambda r: r[1]):
-        lines.append(f"| {method} | {speed:.2f}x | {cpu_speed:.2f}x | {frechet:.2f} | {acc:.1%} | {db:.1f} |")
+    for r in sorted(rows, key=lambda r: r.speedup):
+        lines.append(f"| {r.method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {r.macs_speedup:.2f}x | "
+                     f"{fid(r.images, real, classifier):.2f} | {accuracy(r.images, labels, classifier):.1%} | "
+                     f"{r.psnr_db:.1f} |")
     lines += ["", "Search cost (2 cores shared, 1 torch thread; calibration reused across budgets): "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in search_cost.items()),
               "(a budget's second search reuses the first's calibration, ECAD front or nothing: router retrains)"]

@@ -8,9 +8,11 @@ measured denoiser share), and the measured latency of the reused modules taken o
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..adapters import denoiser_of, resolve_adapter
-from ..api import accelerate, restore
+from ..api import accelerated, restore
 from ..schedule import Schedule
 from ..schedules.presets import parse_tag
 from .cost import profile_latency, profile_macs
@@ -55,10 +57,13 @@ def compare_methods(
     tags: Sequence[str | Schedule],
     repeats: int = 3,
     progress: bool = True,
+    others: Mapping[str, Callable[[], AbstractContextManager]] | None = None,
 ) -> list[BenchRow]:
     """Time ``pipe(**make_kwargs())`` unaccelerated and under each tag (or searched `Schedule`, labelled
     ``"<method> <budget>"``); returns one row per method (full first), with the images of its warm-up call.
 
+    ``others`` adds methods that are not diffcache schedules (e.g. diffusers' own caches): name -> a function
+    returning a context manager inside which the pipeline runs that way. Their cost-model columns are NaN.
     ``make_kwargs`` must return fresh arguments with a fixed seed each time (same images for the same method).
     The pipeline must call its denoiser once per step (batched CFG), as the built-in test pipelines do.
     """
@@ -71,19 +76,18 @@ def compare_methods(
     schedules = {label(t): Schedule.from_tag(t, adapter, num_steps) if isinstance(t, str) else t.resample(num_steps)
                  for t in tags}
     granularities = {s.granularity for s in schedules.values()}
-    methods = [FULL, *schedules]
+    contexts = {FULL: nullcontext} | {m: (lambda s=s: accelerated(pipe, s)) for m, s in schedules.items()}
+    contexts |= dict(others or {})
+    methods = list(contexts)
     images: dict[str, np.ndarray] = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     for round_index in tqdm(range(repeats + 1), desc="bench rounds", disable=not progress):
         for method in methods:  # round 0 is the warm-up; methods alternate within every round
-            if method == FULL:
-                restore(pipe)
-            else:
-                accelerate(pipe, schedules[method])
-            w0, c0 = time.perf_counter(), time.process_time()
-            out = pipe(**make_kwargs()).images
-            w1, c1 = time.perf_counter(), time.process_time()
+            with contexts[method]():
+                w0, c0 = time.perf_counter(), time.process_time()
+                out = pipe(**make_kwargs()).images
+                w1, c1 = time.perf_counter(), time.process_time()
             if round_index == 0:
                 images[method] = np.asarray(out)
             else:
@@ -103,8 +107,8 @@ def compare_methods(
     full_wall, full_cpu = statistics.median(wall[FULL]), statistics.median(cpu[FULL])
     rows = []
     for method in methods:
-        macs_speedup, ideal_macs, ideal_latency = 1.0, 1.0, 1.0
-        if method != FULL:
+        macs_speedup, ideal_macs, ideal_latency = (1.0, 1.0, 1.0) if method == FULL else (math.nan,) * 3
+        if method in schedules:
             schedule = schedules[method]
             g = schedule.granularity
             macs_speedup = macs[g].speedup(schedule)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 
 import diffcache
@@ -15,8 +18,10 @@ def test_compare_methods_with_a_searched_schedule():
     searched = diffcache.search(pipe, [207, 360], "dp", "recompute:0.5", num_inference_steps=6, guidance_scale=4.0,
                                 batch_size=2, progress=False)
     rows = compare_methods(pipe, lambda: call_kwargs("dit", num_inference_steps=6), ["fora:interval=2", searched],
-                           repeats=1, progress=False)
-    assert [r.method for r in rows] == [FULL, "fora:interval=2", "dp recompute:2x"]
+                           repeats=1, progress=False, others={"plain again": contextlib.nullcontext})
+    assert [r.method for r in rows] == [FULL, "fora:interval=2", "dp recompute:2x", "plain again"]
+    other = rows.pop()
+    assert other.psnr_db == 100.0 and math.isnan(other.macs_speedup)  # timed like the rest, no cost model
     assert rows[0].psnr_db == 100.0 and rows[0].macs_speedup == 1.0
     for row in rows[1:]:
         assert 15 < row.psnr_db < 100 and row.macs_speedup > 1.2 and row.speedup > 0
