@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +104,8 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.speedup):
-        lines.append(f"| {r.method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {r.macs_speedup:.2f}x | "
+        macs = "n/a" if math.isnan(r.macs_speedup) else f"{r.macs_speedup:.2f}x"  # diffusers' own caches
+        lines.append(f"| {r.method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {macs} | "
                      f"{fid(r.images, real, classifier):.2f} | {accuracy(r.images, labels, classifier):.1%} | "
                      f"{r.psnr_db:.1f} |")
     lines += ["", "Search cost (2 cores shared, 1 torch thread; calibration reused across budgets): "
