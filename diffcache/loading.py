@@ -100,11 +100,11 @@ def generation_kwargs(
     """Arguments for one deterministic call: one image per condition (a prompt or class id, or a list of them),
     ``pipe(**generation_kwargs(...)).images``."""
     kwargs: dict[str, Any] = {"generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np"}
-    conditions = list(condition) if isinstance(condition, (list, tuple)) else [condition]
+    many = isinstance(condition, (list, tuple))
     if is_class_conditional(pipe):
-        kwargs["class_labels"] = [int(c) for c in conditions]
+        kwargs["class_labels"] = [int(c) for c in condition] if many else [int(condition)]
     else:
-        kwargs["prompt"] = [str(c) for c in conditions] if isinstance(condition, (list, tuple)) else str(condition)
+        kwargs["prompt"] = [str(c) for c in condition] if many else str(condition)
     if num_inference_steps is not None:
         kwargs["num_inference_steps"] = num_inference_steps
     if guidance_scale is not None:

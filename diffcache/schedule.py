@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ScheduleError
+from .files import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -269,11 +270,7 @@ class Schedule:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (atomically: a crash never leaves a half-written file)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:

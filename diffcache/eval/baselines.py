@@ -33,7 +33,8 @@ from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, ModelHook, _set_cache_context
 
-from ..errors import DiffcacheError
+from ..adapters import denoiser_of
+from ..errors import DiffcacheError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,10 @@ def diffusers_cache(pipe: DiffusionPipeline, name: str, **params: Any) -> Iterat
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if not isinstance(denoiser, torch.nn.Module):
-        raise BaselineUnavailable(f"{type(pipe).__name__} has neither a `transformer` nor a `unet` to cache")
+    try:
+        denoiser = denoiser_of(pipe)
+    except UnsupportedModelError as error:
+        raise BaselineUnavailable(str(error)) from None
     scheduler = pipe.scheduler
     before = _hooks(denoiser)
     forwards = {m: m.__dict__.get("forward") for m in denoiser.modules()}

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import BLOCK, Adapter, TransformerAdapter, UNetAdapter, denoiser_of, resolve_adapter
+from ..files import write_atomic
 from ..runtime.executor import input_signature
 from ..schedule import Schedule
 
@@ -157,9 +158,7 @@ def _save(path: Path, profile: CostProfile) -> None:
             "total": profile.total, "measure": profile.measure}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data))
     except OSError as err:  # a read-only home only costs a re-measurement next time
         logger.debug("could not cache the MAC profile at %s: %s", path, err)
 

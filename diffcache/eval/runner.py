@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..api import accelerate, restore, summary
 from ..errors import MetricUnavailableError
+from ..files import write_atomic
 from ..loading import generation_kwargs, is_class_conditional
 from . import metrics as M
 from .cost import profile_macs
@@ -251,6 +252,4 @@ def _merge(out: Path) -> list[dict[str, Any]]:
 
 
 def _write(out: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))

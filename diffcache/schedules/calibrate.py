@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
 from ..errors import SearchError
 from ..eval.cost import cache_root
+from ..files import write_atomic
 from ..runtime import Executor, attach, detach, planned, suspended
 from ..schedule import Schedule
 
@@ -149,14 +151,12 @@ class Calibration:
         """Write a single ``.npz`` (arrays plus JSON metadata), atomically."""
         meta = {"format": _FORMAT, "units": self.units, "components": self.components, "family": self.family,
                 "model": self.model, "data_key": self.data_key, "meta": self.meta}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            extra = {} if self.step_error is None else {"step_error": self.step_error}
-            np.savez(f, header=np.array(json.dumps(meta)), present=self.present, scale=self.scale,
-                     **{f"d_{m}": d for m, d in self.distances.items()}, **extra)
-        os.replace(tmp, path)
+        extra = {} if self.step_error is None else {"step_error": self.step_error}
+        buffer = io.BytesIO()
+        np.savez(buffer, header=np.array(json.dumps(meta)), present=self.present, scale=self.scale,
+                 **{f"d_{m}": d for m, d in self.distances.items()}, **extra)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

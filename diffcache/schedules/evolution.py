@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import denoiser_of, resolve_adapter
 from ..errors import SearchError
+from ..files import write_atomic
 from ..runtime import planned, suspended
 from ..schedule import Schedule
 from .budget import Budget, CostModel
@@ -65,6 +66,10 @@ class EvolutionConfig:
             raise SearchError(f"population must be a multiple of 4 (NSGA-II tournament pairs), got {self.population}")
         if self.generations < 0:
             raise SearchError(f"generations must be >= 0, got {self.generations}")
+
+    def flip_probability(self, length: int) -> float:
+        """Per-bit flip probability of a mutation for a genome of ``length`` bits."""
+        return self.bit_flip_prob or min(0.5, 2.0 / max(length, 1))
 
 
 class _Fitness(base.Fitness):
@@ -177,7 +182,7 @@ def evolve(
         population = tools.selNSGA2(population, config.population)
         start, history = 0, [_progress(0, cache)]
         _save(path, setting, population, 0, cache, rng, history, state.is_main_process)
-    flip = config.bit_flip_prob or min(0.5, 2.0 / max(genome.length, 1))
+    flip = config.flip_probability(genome.length)
     for generation in tqdm(range(start + 1, config.generations + 1), desc="ECAD generations",
                            initial=start, total=config.generations, disable=not progress):
         offspring = _offspring(population, config, flip, rng)
@@ -209,7 +214,7 @@ def _seed_population(genome: Genome, seeds: Sequence[Schedule], config: Evolutio
         picks = np.linspace(0, len(chosen) - 1, config.population).round().astype(int)
         chosen = [chosen[i] for i in picks]
     population = [_Individual(bits) for bits in chosen]
-    flip = config.bit_flip_prob or min(0.5, 2.0 / max(genome.length, 1))
+    flip = config.flip_probability(genome.length)
     seen = set(unique)
     while len(population) < config.population:
         child = _Individual(rng.choice(chosen))
@@ -306,9 +311,7 @@ def _save(path: Path | None, setting: str, population: list[_Individual], genera
         "random_state": [version, list(internal), gauss], "history": history,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def _load(path: Path, setting: str, cache: dict[str, tuple[float, float]], rng: random.Random

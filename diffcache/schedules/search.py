@@ -22,6 +22,7 @@ import numpy as np
 
 from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
 from ..errors import SearchError
+from ..files import write_atomic
 from ..runtime import suspended
 from ..schedule import Schedule
 from .budget import Budget, CostModel
@@ -254,10 +255,7 @@ def _write_front(front: list[Schedule], out: Path, quality_name: str, measure: s
     from ..eval.plots import pareto_plot
 
     out.mkdir(parents=True, exist_ok=True)
-    data = [s.to_dict() for s in front]
-    tmp = out / "ecad-front.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, out / "ecad-front.json")
+    write_atomic(out / "ecad-front.json", json.dumps([s.to_dict() for s in front], indent=1))
     points = [("", 1 / s.meta["cost"], s.meta["quality"]) for s in front]  # values are on the axes
     pareto_plot({"ECAD front": points}, out / "ecad-pareto.png", quality_name, lower_is_better=False,
                 speedup_label=f"predicted speedup ({measure} cost model, x)")
