@@ -28,7 +28,9 @@ def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[
     """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
 
     Args:
-        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` and a ``scheduler``.
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` and a ``scheduler``; or a denoiser
+            ``nn.Module`` outside any pipeline (a diffusion policy, a video model), whose loop then marks
+            generations and steps with `diffcache.runtime.generation`.
         schedule: a `Schedule`, a path to a schedule JSON file, or a preset tag such as
             ``"deepcache:interval=3,branch=0"``, ``"fora:interval=2"``, ``"uniform:interval=2"`` or ``"none"``.
             A schedule made for another step count is resampled (presets exactly, searched plans with a warning).
@@ -45,7 +47,7 @@ def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
     detach(denoiser)
-    attach(denoiser, Executor(adapter, plan_for, scheduler, pipe), granularity)
+    attach(denoiser, Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None), granularity)
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 
@@ -102,6 +104,9 @@ def summary(pipe: Pipeline) -> CacheSummary:
 
 
 def _parts(pipe: Any) -> tuple[torch.nn.Module, Any]:
+    """The denoiser and the scheduler that counts its steps (``None`` for a bare module: the caller counts)."""
+    if isinstance(pipe, torch.nn.Module):
+        return pipe, None
     denoiser = denoiser_of(pipe)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):

@@ -64,8 +64,9 @@ class Adapter(ABC):
     def layout(self, granularity: str = BLOCK) -> Layout:
         """The unit/component grid for ``granularity`` (``"block"`` or ``"component"``)."""
 
-    def check_call(self, kwargs: dict) -> None:  # noqa: B027 - most families accept every call
-        """Raise `UnsupportedModelError` if a denoiser call carries inputs that caching would get wrong."""
+    def prepare_reuse_call(self, kwargs: dict, branch: int | None) -> None:  # noqa: B027 - most need nothing
+        """Adjust (in place) the keyword inputs of a denoiser call that reuses cached features, or raise
+        `UnsupportedModelError` if caching would get those inputs wrong. ``branch`` is a UNet's cache branch."""
 
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise `ScheduleError` unless ``schedule`` fits this model (units, components, fingerprint)."""

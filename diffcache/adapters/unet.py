@@ -26,8 +26,6 @@ from .base import BLOCK, Adapter, Layout, register_adapter
 
 _DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")
-_RESIDUAL_INPUTS = ("down_block_additional_residuals", "mid_block_additional_residual",
-                    "down_intrablock_additional_residuals")
 
 
 @dataclass
@@ -69,14 +67,28 @@ class UNetAdapter(Adapter):
             )
         return Layout(self.family, list(self.units), [BLOCK])
 
-    def check_call(self, kwargs: dict) -> None:
-        injected = [name for name in _RESIDUAL_INPUTS if kwargs.get(name) is not None]
-        if injected:
+    def prepare_reuse_call(self, kwargs: dict, branch: int | None) -> None:
+        """ControlNet residuals stay correct on a cached step: the UNet adds residual ``j`` to skip ``s_j`` and
+        the mid residual to the mid block's output. Skips ``s_0..s_b`` are computed fresh and get their fresh
+        residuals; deeper skips and the mid output are zero-channel placeholders whose consumers are skipped, so
+        their residuals become zero-channel too (the cached ``F_b`` carries the control of its key step, exactly
+        as it carries every other deep feature of that step). T2I-Adapter residuals enter *inside* the down
+        blocks, which a cached step does not run: refused."""
+        if kwargs.get("down_intrablock_additional_residuals") is not None:
             raise UnsupportedModelError(
-                f"the UNet was called with {injected} (ControlNet / T2I-Adapter residuals); they are added to the "
-                "skip branches that a DeepCache step does not compute, so cached steps would ignore them. Run this "
-                "pipeline without caching (diffcache.restore(pipe)) or with the 'none' schedule"
+                "the UNet was called with down_intrablock_additional_residuals (T2I-Adapter); they are added inside "
+                "down blocks that a DeepCache step skips, so cached steps would drop them. Run this pipeline with "
+                "the 'none' schedule (or diffcache.restore(pipe)); ControlNet residuals are supported"
             )
+        if branch is None:
+            return
+        down = kwargs.get("down_block_additional_residuals")
+        if down is not None:
+            kwargs["down_block_additional_residuals"] = tuple(
+                r if j <= branch else _empty_like(r) for j, r in enumerate(down)
+            )
+        if kwargs.get("mid_block_additional_residual") is not None:
+            kwargs["mid_block_additional_residual"] = _empty_like(kwargs["mid_block_additional_residual"])
 
     def check_schedule(self, schedule) -> None:
         super().check_schedule(schedule)
@@ -90,6 +102,11 @@ class UNetAdapter(Adapter):
                 f"step {step}: UNet branch bits {row} recompute a deeper unit after reusing a shallower one; "
                 "a UNet step reuses one branch feature, so bits must be 1...10...0 from shallow to deep"
             )
+
+
+def _empty_like(residual: torch.Tensor) -> torch.Tensor:
+    """A zero-channel tensor that broadcasts onto any zero-channel placeholder of the same batch."""
+    return residual[:, :0, :1, :1]
 
 
 def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:

@@ -2,6 +2,8 @@
 
 from .attach import attach, detach, find_attachment, planned, suspended
 from .executor import Executor
+from .manual import Generation, generation
 from .stats import CacheSummary
 
-__all__ = ["CacheSummary", "Executor", "attach", "detach", "find_attachment", "planned", "suspended"]
+__all__ = ["CacheSummary", "Executor", "Generation", "attach", "detach", "find_attachment", "generation", "planned",
+           "suspended"]

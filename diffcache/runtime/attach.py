@@ -64,7 +64,8 @@ def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> A
     else:  # pragma: no cover - every shipped adapter is one of the two families
         raise TypeError(f"no hook plan for adapter {type(adapter).__name__}")
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
-    _wrap_scheduler(attachment)
+    if executor.scheduler is not None:
+        _wrap_scheduler(attachment)
     logger.debug("diffcache: %d hooks attached to %s", len(attachment.hooked), type(denoiser).__name__)
     return attachment
 
@@ -93,7 +94,7 @@ def detach(denoiser: torch.nn.Module) -> Executor | None:
     if registry is not None:
         registry.invalidate_child_registries_cache()
     scheduler = attachment.executor.scheduler
-    for method in _SCHEDULER_METHODS:
+    for method in _SCHEDULER_METHODS if scheduler is not None else ():
         if method in attachment.scheduler_saved:
             setattr(scheduler, method, attachment.scheduler_saved[method])
         else:
@@ -125,6 +126,16 @@ def planned(pipe: Any, adapter: Adapter, schedule: Schedule) -> Iterator[None]:
         yield
 
 
+def _steps_from(scheduler: Any, timestep: Any) -> int | None:
+    """How many network calls are left in ``scheduler.timesteps`` from ``timestep`` on (None if not found)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(timesteps, torch.Tensor) or timestep is None:
+        return None
+    value = torch.as_tensor(timestep).flatten()[:1].to("cpu", timesteps.dtype)
+    matches = torch.nonzero(timesteps.to("cpu") == value).flatten()
+    return len(timesteps) - int(matches[0]) if len(matches) else None
+
+
 def _register(attachment: Attachment, module: torch.nn.Module, hook: Any, name: str) -> None:
     created = not hasattr(module, "_diffusers_hook")
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
@@ -145,6 +156,10 @@ def _wrap_scheduler(attachment: Attachment) -> None:
 
     @functools.wraps(original_step)
     def step(*args: Any, **kwargs: Any) -> Any:
+        if executor.step == 0:
+            remaining = _steps_from(scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
+            if remaining is not None:
+                executor.run_steps(remaining)
         result = original_step(*args, **kwargs)
         executor.end_step()
         return result

@@ -3,8 +3,12 @@
 Step bookkeeping (ARCHITECTURE section 3): a generation starts when the pipeline's scheduler gets
 ``set_timesteps`` and a step ends when the scheduler's ``step`` is called; every denoiser call in between
 belongs to the same step. Steps are network-call order, never timestep values (second-order solvers repeat
-timesteps). Denoiser calls within one step are CFG branches: each gets its own `CacheStore`, named by
-diffusers' ``cache_context`` when the pipeline sets one, else by call position (``call0``, ``call1``).
+timesteps). A pipeline that starts part-way down the timesteps (img2img/inpaint ``strength``, an SDXL
+refiner's ``denoising_start``) is noticed at its first ``step`` (the timestep it passes is not the first one)
+and the plan is mapped to the steps that really run. A denoiser outside a pipeline has no scheduler: the caller
+drives generations and steps (`runtime.generation`). Denoiser calls within one step are CFG branches: each
+gets its own `CacheStore`, named by diffusers' ``cache_context`` when the pipeline sets one, else by call
+position (``call0``, ``call1``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class Executor:
     Args:
         adapter: describes the denoiser's units/components.
         plan_for: returns the (validated) schedule for a step count.
-        scheduler: the scheduler instance whose ``set_timesteps``/``step`` drive the step counter.
+        scheduler: the scheduler instance whose ``set_timesteps``/``step`` drive the step counter (``None``: the
+            caller drives it, see `runtime.generation`).
         pipe: the pipeline (held weakly) whose ``scheduler`` attribute must stay that instance.
     """
 
@@ -54,6 +59,7 @@ class Executor:
         self._rows: list[list[list[bool]]] = []
         self.needed: list[list[bool]] = []
         self.step = 0
+        self.open = False  # inside a generation: calls are planned (else they run uncached, with a warning)
         self._calls_in_step = 0
         self._warned: set[str] = set()
         # Set for the duration of one denoiser call:
@@ -65,21 +71,40 @@ class Executor:
     # ------------------------------------------------------------------------------------- generation
     def start_generation(self, num_steps: int) -> None:
         """Called after ``scheduler.set_timesteps``: new plan, empty caches, step 0."""
-        self.plan = self.plan_for(num_steps)
-        self._rows = self.plan.recompute.tolist()
+        self._use_plan(self.plan_for(num_steps))
+        self.release()
+        self.stats.start(self.plan.num_steps)
+        self.step = 0
+        self.open = True
+        self._calls_in_step = 0
+        self._warned.clear()
+
+    def run_steps(self, num_steps: int) -> None:
+        """At the end of step 0: the generation really runs ``num_steps`` steps, not the ``set_timesteps`` count
+        (img2img ``strength``); map the plan to them. Step 0 recomputes in every plan, so nothing ran wrong."""
+        if self.plan is None or num_steps == self.plan.num_steps or self.step != 0:
+            return
+        logger.info("diffcache: the pipeline runs %d of its %d steps (strength / denoising_start); the schedule is "
+                    "mapped to the %d steps that run", num_steps, self.plan.num_steps, num_steps)
+        self._use_plan(self.plan_for(num_steps))
+        self.stats.resize(num_steps)
+
+    def _use_plan(self, plan: Schedule) -> None:
+        self.plan = plan
+        self._rows = plan.recompute.tolist()
         if self.adapter.family == "unet":
-            self.needed = [[False] for _ in self.plan.units]
+            self.needed = [[False] for _ in plan.units]
             for row in self._rows:
                 branch = _first_reuse(row)
                 if branch is not None:
                     self.needed[branch][0] = True
         else:
-            self.needed = (~self.plan.recompute).any(axis=0).tolist()
+            self.needed = (~plan.recompute).any(axis=0).tolist()
+
+    def close_generation(self) -> None:
+        """End a caller-driven generation: caches freed, later calls run uncached until the next one."""
         self.release()
-        self.stats.start(self.plan.num_steps)
-        self.step = 0
-        self._calls_in_step = 0
-        self._warned.clear()
+        self.open = False
 
     def end_step(self) -> None:
         """Called after ``scheduler.step``; after the plan's last step the caches are of no further use."""
@@ -105,11 +130,11 @@ class Executor:
                     "diffcache counts steps through the scheduler it wrapped. Call diffcache.accelerate(pipe, "
                     "schedule) again after changing the scheduler"
                 )
-        if self.plan is None:
+        if not self.open:
             self.warn_once(
                 "no-generation",
-                "denoiser called before any scheduler.set_timesteps; running it without caching "
-                "(diffcache counts steps from the pipeline's scheduler)",
+                "denoiser called outside a generation (no scheduler.set_timesteps, or outside "
+                "`with diffcache.runtime.generation(model, num_steps)`); running it without caching",
             )
             return False
         name = context if context is not None else f"call{self._calls_in_step}"
@@ -134,9 +159,9 @@ class Executor:
                 "extra steps recompute everything",
             )
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
-        if not all(all(bits) for bits in self.row):
-            self.adapter.check_call(kwargs)
         self.branch = self._unet_branch() if self.adapter.family == "unet" else None
+        if not all(all(bits) for bits in self.row):
+            self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
         self.in_call = True
         return True

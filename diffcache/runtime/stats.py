@@ -88,6 +88,15 @@ class StatsRecorder:
         self.generations += 1
         self.calls = 0
 
+    def resize(self, num_steps: int) -> None:
+        """Same generation, another step count (counts of the steps so far are kept)."""
+        for name in ("computed", "reused"):
+            old = getattr(self, name)
+            new = np.zeros((num_steps, self.num_units), dtype=np.int64)
+            keep = min(num_steps, len(old))
+            new[:keep] = old[:keep]
+            setattr(self, name, new)
+
     def record(self, step: int, unit: int | slice, computed: bool) -> None:
         if step < len(self.computed):
             (self.computed if computed else self.reused)[step, unit] += 1

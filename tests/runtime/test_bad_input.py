@@ -111,17 +111,3 @@ def test_unsupported_model_names_what_it_found():
 def test_unknown_tag_lists_presets():
     with pytest.raises(ScheduleError, match="known presets: \\['deepcache', 'fora', 'none', 'uniform'\\]"):
         diffcache.accelerate(build_pipeline("sd"), "teacache:threshold=0.1")
-
-
-def test_controlnet_residuals_are_refused_on_cached_steps():
-    pipe = diffcache.accelerate(build_pipeline("sd"), "deepcache:interval=2,branch=0")
-    cond = pipe.encode_prompt("a red car", "cpu", 1, False)[0]
-    x = torch.randn(1, 4, 8, 8)
-    mid = torch.zeros(1, 64, 1, 1)
-    pipe.scheduler.set_timesteps(4)
-    t0, t1 = pipe.scheduler.timesteps[:2]
-    with torch.no_grad():
-        pipe.unet(x, t0, cond, mid_block_additional_residual=mid)  # full step: fine
-        pipe.scheduler.step(torch.zeros_like(x), t0, x)
-        with pytest.raises(UnsupportedModelError, match="ControlNet / T2I-Adapter residuals"):
-            pipe.unet(x, t1, cond, mid_block_additional_residual=mid)
