@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .adapters import Adapter, denoiser_of, resolve_adapter
+from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
 from .errors import DiffcacheError, UnsupportedModelError
 from .runtime import CacheSummary, Executor, attach, detach, find_attachment, suspended
 from .schedule import Schedule
@@ -54,7 +54,10 @@ def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[
 
 def restore(pipe: Pipeline) -> Pipeline:
     """Remove every diffcache hook and wrapper from ``pipe`` (in place); outputs are bit-identical to never
-    having accelerated it, and cached tensors are freed. A pipeline that is not accelerated is left as is."""
+    having accelerated it, and cached tensors are freed. A pipeline that is not accelerated is left as is.
+
+    A ``torch.compile``'d denoiser keeps graphs specialized to the cached steps; call ``torch._dynamo.reset()``
+    after restoring it, or dynamo may hit its recompile limit and run parts of it uncompiled."""
     denoiser, _ = _parts(pipe)
     detach(denoiser)
     return pipe
@@ -106,7 +109,7 @@ def summary(pipe: Pipeline) -> CacheSummary:
 def _parts(pipe: Any) -> tuple[torch.nn.Module, Any]:
     """The denoiser and the scheduler that counts its steps (``None`` for a bare module: the caller counts)."""
     if isinstance(pipe, torch.nn.Module):
-        return pipe, None
+        return uncompiled(pipe), None
     denoiser = denoiser_of(pipe)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):

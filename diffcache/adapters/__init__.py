@@ -4,7 +4,7 @@ Importing this package registers the built-in adapters, UNets first, then transf
 """
 
 from . import dit, unet  # noqa: F401  (registration order: specific UNet adapter before the block-list one)
-from .base import BLOCK, Adapter, Layout, denoiser_of, register_adapter, resolve_adapter
+from .base import BLOCK, Adapter, Layout, denoiser_of, register_adapter, resolve_adapter, uncompiled
 from .dit import TransformerAdapter, TransformerUnit
 from .generic import PatternAdapter
 from .unet import UNetAdapter, UNetLayer
@@ -21,4 +21,5 @@ __all__ = [
     "denoiser_of",
     "register_adapter",
     "resolve_adapter",
+    "uncompiled",
 ]

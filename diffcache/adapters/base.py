@@ -117,8 +117,13 @@ def config_fingerprint(module: torch.nn.Module) -> str:
 DENOISER_NAMES = ("transformer", "unet")
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile(module)`` wrapper holds (hooks go there; the wrapper traces through them)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def denoiser_of(pipe: object) -> torch.nn.Module:
-    """The pipeline's denoiser (``pipe.transformer`` or ``pipe.unet``).
+    """The pipeline's denoiser (``pipe.transformer`` or ``pipe.unet``), unwrapped from ``torch.compile``.
 
     Raises:
         UnsupportedModelError: the pipeline has neither.
@@ -126,7 +131,7 @@ def denoiser_of(pipe: object) -> torch.nn.Module:
     for name in DENOISER_NAMES:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
-            return module
+            return uncompiled(module)
     raise UnsupportedModelError(
         f"{type(pipe).__name__} has no `unet` or `transformer` module; diffcache.accelerate takes a diffusers "
         "pipeline (e.g. StableDiffusionPipeline, DiTPipeline, FluxPipeline)"

@@ -18,9 +18,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..adapters.base import Adapter
+from ..adapters.base import DENOISER_NAMES, Adapter
 from ..errors import AccelerationStateError
 from ..schedule import Schedule
 from .stats import StatsRecorder
@@ -62,6 +63,7 @@ class Executor:
         self.open = False  # inside a generation: calls are planned (else they run uncached, with a warning)
         self._calls_in_step = 0
         self._warned: set[str] = set()
+        self._compile_checked: set[int] = set()
         # Set for the duration of one denoiser call:
         self.in_call = False
         self.store: CacheStore = CacheStore()
@@ -72,6 +74,7 @@ class Executor:
     def start_generation(self, num_steps: int) -> None:
         """Called after ``scheduler.set_timesteps``: new plan, empty caches, step 0."""
         self._use_plan(self.plan_for(num_steps))
+        self._check_compiled_variants()
         self.release()
         self.stats.start(self.plan.num_steps)
         self.step = 0
@@ -101,6 +104,29 @@ class Executor:
         else:
             self.needed = (~plan.recompute).any(axis=0).tolist()
 
+    def _check_compiled_variants(self) -> None:
+        """Warn once per plan when a torch.compile'd denoiser would need more graphs than dynamo keeps: each
+        distinct row of bits is one graph (the hooks branch on them), and past the limit dynamo runs eager."""
+        if id(self.plan) in self._compile_checked or not self._compiled():
+            return
+        self._compile_checked.add(id(self.plan))
+        rows = self.plan.recompute.reshape(self.plan.num_steps, -1)
+        variants = len(np.unique(rows, axis=0))
+        limit = torch._dynamo.config.recompile_limit
+        if variants > limit:
+            logger.warning(
+                "diffcache: this %d-step plan has %d distinct step patterns, and a compiled denoiser needs one graph "
+                "each; torch._dynamo.config.recompile_limit is %d, so the rest would run uncompiled. Raise it (e.g. "
+                "torch._dynamo.config.recompile_limit = %d) or use a preset", self.plan.num_steps, variants, limit,
+                variants + 2)
+
+    def _compiled(self) -> bool:
+        denoiser = self.adapter.denoiser
+        if getattr(denoiser, "_compiled_call_impl", None) is not None:  # nn.Module.compile()
+            return True
+        pipe = self._pipe() if self._pipe is not None else None
+        return any(getattr(getattr(pipe, name, None), "_orig_mod", None) is denoiser for name in DENOISER_NAMES)
+
     def close_generation(self) -> None:
         """End a caller-driven generation: caches freed, later calls run uncached until the next one."""
         self.release()
@@ -120,8 +146,14 @@ class Executor:
         self.stores.clear()
 
     # -------------------------------------------------------------------------------------- one call
+    # The per-call bookkeeping reads the step counter; hidden from torch.compile, so compiled denoisers are not
+    # specialized (and recompiled) per step. The hooks only read the resulting row of bits and the store.
+    @torch.compiler.disable
     def begin_call(self, args: tuple, kwargs: dict, context: str | None) -> bool:
-        """Prepare the decisions for one denoiser call; returns False when the call runs uncached."""
+        """Prepare the decisions for one denoiser call; returns False when the call runs uncached.
+
+        ``self.row`` is the plan's row for this step with every reuse whose cache is missing turned into a
+        recompute (with a warning), so the hooks only follow it; compute/reuse counts are recorded here."""
         if self._pipe is not None:
             pipe = self._pipe()
             if pipe is not None and getattr(pipe, "scheduler", self.scheduler) is not self.scheduler:
@@ -159,16 +191,34 @@ class Executor:
                 "extra steps recompute everything",
             )
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
-        self.branch = self._unet_branch() if self.adapter.family == "unet" else None
+        if self.adapter.family == "unet":
+            self.branch = self._unet_branch()
+        else:
+            self.branch = None
+            self.row = self._available_row()
         if not all(all(bits) for bits in self.row):
             self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
         self.in_call = True
         return True
 
+    @torch.compiler.disable
     def end_call(self) -> None:
         self.in_call = False
         self.branch = None
+
+    def _available_row(self) -> list[list[bool]]:
+        """The step's row with reuses of uncached slots turned into recomputes; records the counts."""
+        row, present = [], self.plan.present_mask
+        for unit, bits in enumerate(self.row):
+            bits = [bit or (unit, c) not in self.store for c, bit in enumerate(bits)]
+            for c, (planned, bit) in enumerate(zip(self.row[unit], bits)):
+                if planned != bit and present[unit, c]:
+                    self.warn_missing(f"{self.plan.units[unit]}.{self.plan.components[c]}")
+            computed = sum(bit for bit, here in zip(bits, present[unit]) if here)
+            self.stats.add(self.step, unit, computed, int(present[unit].sum()) - computed)
+            row.append(bits)
+        return row
 
     def _unet_branch(self) -> int | None:
         """The shallowest reused branch whose feature is cached; deeper units are skipped with it."""
@@ -182,11 +232,12 @@ class Executor:
             if branch != first:
                 self.warn_missing(self.plan.units[first])
         recorded = branch if branch is not None else len(self.row)
-        self.stats.record(self.step, slice(0, recorded), computed=True)
-        self.stats.record(self.step, slice(recorded, None), computed=False)
+        self.stats.add(self.step, slice(0, recorded), 1, 0)
+        self.stats.add(self.step, slice(recorded, None), 0, 1)
         return branch
 
     # ----------------------------------------------------------------------------------------- cache
+    @torch.compiler.disable
     def put(self, key: Any, value: Any) -> None:
         """Cache a freshly computed value; a forecasting plan also keeps its slope from the previous value."""
         if self.plan.forecast:
@@ -198,10 +249,13 @@ class Executor:
 
     def cached(self, key: Any) -> Any:
         """What a reuse step gets: the cached value, or its first-order Taylor forecast to the current step."""
-        entry = self.store.get(key)
         if not self.plan.forecast:
-            return entry
-        value, step, slope = entry
+            return self.store.values[key]
+        return self._forecast(key)
+
+    @torch.compiler.disable
+    def _forecast(self, key: Any) -> Any:
+        value, step, slope = self.store.get(key)
         return value if slope is None else _forecast(value, slope, self.step - step)
 
     def warn_missing(self, what: str) -> None:

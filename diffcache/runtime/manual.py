@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import denoiser_of
+from ..adapters import denoiser_of, uncompiled
 from ..errors import AccelerationStateError, DiffcacheError
 from .attach import find_attachment
 from .executor import Executor
@@ -63,7 +63,7 @@ def generation(model: Any, num_steps: int) -> Iterator[Generation]:
         DiffcacheError: ``model`` is not accelerated.
         ValueError: ``num_steps`` is not positive.
     """
-    denoiser = model if isinstance(model, torch.nn.Module) else denoiser_of(model)
+    denoiser = uncompiled(model) if isinstance(model, torch.nn.Module) else denoiser_of(model)
     attachment = find_attachment(denoiser)
     if attachment is None:
         raise DiffcacheError(

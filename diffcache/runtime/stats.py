@@ -97,6 +97,8 @@ class StatsRecorder:
             new[:keep] = old[:keep]
             setattr(self, name, new)
 
-    def record(self, step: int, unit: int | slice, computed: bool) -> None:
+    def add(self, step: int, unit: int | slice, computed: int, reused: int) -> None:
+        """Count ``computed`` and ``reused`` slots of one call at ``(step, unit)`` (a unit index or a slice)."""
         if step < len(self.computed):
-            (self.computed if computed else self.reused)[step, unit] += 1
+            self.computed[step, unit] += computed
+            self.reused[step, unit] += reused

@@ -1,0 +1,87 @@
+"""torch.compile together with accelerate: same outputs as the eager accelerated run, and a number of graphs that
+does not grow with steps or generations (diffcache's per-step bookkeeping is hidden from dynamo)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import diffcache
+from diffcache import Schedule
+from diffcache.testing import build_pipeline
+
+from ..conftest import run
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def graph_breaks() -> list[str]:
+    return list(counters["graph_break"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_accelerated_dit_matches_eager_with_bounded_graphs():
+    pipe = diffcache.accelerate(build_pipeline("dit"), "fora:interval=2")
+    eager = {steps: run(pipe, "dit", steps=steps) for steps in (6, 9)}
+    pipe.transformer.compile(backend="eager")  # dynamo's tracing and guards; the backend does not matter here
+    assert np.array_equal(run(pipe, "dit", steps=6), eager[6])
+    first = graphs()
+    assert np.array_equal(run(pipe, "dit", steps=6), eager[6])
+    assert np.array_equal(run(pipe, "dit", steps=9), eager[9])
+    assert graphs() == first  # no recompilation for later steps, generations or step counts
+    assert all("torch.compiler.disable" in reason for reason in graph_breaks())  # only our bookkeeping
+    assert diffcache.summary(pipe).hits > 0
+
+
+def test_accelerate_a_compiled_wrapper_and_restore():
+    pipe = build_pipeline("dit")
+    full = run(pipe, "dit")
+    with diffcache.accelerated(pipe, "uniform:interval=3"):
+        eager = run(pipe, "dit")
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    diffcache.accelerate(pipe, "uniform:interval=3")
+    assert np.array_equal(run(pipe, "dit"), eager)
+    diffcache.restore(pipe)
+    assert np.array_equal(run(pipe, "dit"), full)
+
+
+def test_plans_with_many_patterns_warn_under_compile(caplog):
+    pipe = build_pipeline("dit")
+    plan = Schedule.from_tag("fora:interval=2", pipe.transformer, 12)
+    bits = plan.recompute.copy()
+    for step in range(1, 12):  # every step reuses another set of slots: 12 patterns
+        bits[step] = np.array([(step >> i) & 1 for i in range(bits[step].size)], bool).reshape(bits[step].shape)
+    varied = Schedule(bits, plan.units, plan.components, "custom", model=plan.model)
+    diffcache.accelerate(pipe, varied)
+    pipe.transformer.compile(backend="eager")
+    with caplog.at_level(logging.WARNING, logger="diffcache"):
+        run(pipe, "dit", steps=12)
+    assert "recompile_limit" in caplog.text
+
+
+@pytest.mark.slow
+def test_inductor_compiled_unet_deepcache():
+    pipe = diffcache.accelerate(build_pipeline("sd"), "deepcache:interval=3,branch=1")
+    eager = run(pipe, "sd")
+    pipe.unet.compile()
+    first_run = run(pipe, "sd")
+    first = graphs()
+    out, again = run(pipe, "sd"), run(pipe, "sd")
+    assert graphs() == first
+    assert np.array_equal(out, again)  # (the compiling generation itself differs in the 6th decimal)
+    for images in (first_run, out):
+        assert np.abs(images - eager).max() < 1e-4  # inductor reorders float math; nothing more
+    assert all("torch.compiler.disable" in reason for reason in graph_breaks())
