@@ -69,6 +69,8 @@ class Executor:
         self.store: CacheStore = CacheStore()
         self.row: list[list[bool]] = []
         self.branch: int | None = None
+        self.since: dict[Any, int] = {}
+        self.written: list[Any] = []
 
     # ------------------------------------------------------------------------------------- generation
     def start_generation(self, num_steps: int) -> None:
@@ -142,8 +144,9 @@ class Executor:
     def release(self) -> None:
         """Free every cached tensor (the generation is over, or the plan is being removed)."""
         for store in self.stores.values():
-            self.cache_bytes -= store.clear()
+            store.clear()
         self.stores.clear()
+        self.cache_bytes = 0
 
     # -------------------------------------------------------------------------------------- one call
     # The per-call bookkeeping reads the step counter; hidden from torch.compile, so compiled denoisers are not
@@ -180,8 +183,11 @@ class Executor:
                     f"denoiser inputs changed within a generation (batch size, resolution, dtype or device) for "
                     f"branch {name!r}; its cached features are dropped and recomputed",
                 )
-                self.cache_bytes -= self.store.clear()
+                self.store.clear()
             self.store.signature = signature
+        # Steps since each cached value was computed: what a forecast extrapolates over (read by `cached`/`put`).
+        self.since = {key: self.step - step for key, step in self.store.steps.items()}
+        self.written = []
         if self.step < self.plan.num_steps:
             self.row = self._rows[self.step]
         else:
@@ -204,6 +210,11 @@ class Executor:
 
     @torch.compiler.disable
     def end_call(self) -> None:
+        """Note the step of every value written in this call, and the cache memory."""
+        for key in self.written:
+            self.store.steps[key] = self.step
+        self.cache_bytes = sum(store.bytes for store in self.stores.values())
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         self.in_call = False
         self.branch = None
 
@@ -237,26 +248,23 @@ class Executor:
         return branch
 
     # ----------------------------------------------------------------------------------------- cache
-    @torch.compiler.disable
+    # Called by the hooks inside the denoiser's forward (traced when it is compiled): only dictionary reads and
+    # writes, tensor math and integers that repeat across steps (``since``), so they add no graph break.
     def put(self, key: Any, value: Any) -> None:
         """Cache a freshly computed value; a forecasting plan also keeps its slope from the previous value."""
         if self.plan.forecast:
-            last = self.store.get(key) if key in self.store else None
-            slope = None if last is None else _slope(value, last[0], self.step - last[1])
-            value = (value, self.step, slope)
-        self.cache_bytes += self.store.put(key, value)
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+            gap = self.since.get(key)
+            slope = None if gap is None else _slope(value, self.store.values[key][0], gap)
+            value = (value, slope)
+        self.store.values[key] = value
+        self.written.append(key)
 
     def cached(self, key: Any) -> Any:
         """What a reuse step gets: the cached value, or its first-order Taylor forecast to the current step."""
         if not self.plan.forecast:
             return self.store.values[key]
-        return self._forecast(key)
-
-    @torch.compiler.disable
-    def _forecast(self, key: Any) -> Any:
-        value, step, slope = self.store.get(key)
-        return value if slope is None else _forecast(value, slope, self.step - step)
+        value, slope = self.store.values[key]
+        return value if slope is None else _forecast(value, slope, self.since[key])
 
     def warn_missing(self, what: str) -> None:
         self.warn_once(

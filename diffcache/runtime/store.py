@@ -18,32 +18,25 @@ def nbytes(value: Any) -> int:
 
 
 class CacheStore:
-    """Key -> cached value, plus the input signature the values were computed under.
+    """Key -> cached value, the step each value was computed at, and the input signature they are valid for.
 
-    ``signature`` describes the denoiser inputs (shapes, dtypes, devices); a call with another signature
-    must not read these values (a batch size or resolution change), so the executor clears the store.
+    ``signature`` describes the denoiser inputs (shapes, dtypes, devices); a call with another signature must not
+    read these values (a batch size or resolution change), so the executor clears the store. Hooks write
+    ``values`` inside the (possibly compiled) forward; ``steps`` is kept by the executor outside it.
     """
 
     def __init__(self) -> None:
         self.values: dict[Hashable, Any] = {}
+        self.steps: dict[Hashable, int] = {}
         self.signature: tuple | None = None
-        self.bytes = 0
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.values
 
-    def get(self, key: Hashable) -> Any:
-        return self.values[key]
+    @property
+    def bytes(self) -> int:
+        return sum(nbytes(v) for v in self.values.values())
 
-    def put(self, key: Hashable, value: Any) -> int:
-        """Store ``value``; returns the change in bytes held."""
-        delta = nbytes(value) - nbytes(self.values.get(key))
-        self.values[key] = value
-        self.bytes += delta
-        return delta
-
-    def clear(self) -> int:
-        """Drop everything; returns the bytes freed."""
-        freed, self.bytes = self.bytes, 0
+    def clear(self) -> None:
         self.values.clear()
-        return freed
+        self.steps.clear()

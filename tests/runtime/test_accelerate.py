@@ -311,7 +311,7 @@ def test_cache_context_names_split_cfg_caches():
 
     def snapshot(_pipe, i, _t, tensors):
         executor = find_attachment(pipe.transformer).executor
-        seen.append({name: store.get((0, 0))[0] for name, store in executor.stores.items()})
+        seen.append({name: store.values[(0, 0)][0] for name, store in executor.stores.items()})
         return tensors
 
     out = run(pipe, "flux", callback_on_step_end=snapshot, **kwargs)
