@@ -35,10 +35,14 @@ PRESETS = {
     "digits-unet": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=4",
                     "deepcache:interval=3,warmup=2,forecast=1", "deepcache:interval=4,warmup=2,forecast=1"],
 }
-# (method, forecast): reuse steps copy the cache (0) or serve its first-order forecast (1)
+# (method, forecast, options): reuse steps copy the cache (0) or serve its first-order forecast (1); ECAD over all
+# bits, or over the key steps only (one bit per step, every slot follows: 24 bits here)
+KEYS = {"key_steps": 1}
 SEARCHES = {
-    "digits-dit": [("dp", 0), ("bac", 0), ("ecad", 0), ("router", 0), ("dp", 1), ("ecad", 1)],
-    "digits-unet": [("dp", 0), ("bac", 0), ("ecad", 0), ("dp", 1), ("ecad", 1)],
+    "digits-dit": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("router", 0, {}), ("dp", 1, {}),
+                   ("ecad", 1, {}), ("ecad", 1, KEYS)],
+    "digits-unet": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("dp", 1, {}), ("ecad", 1, {}),
+                    ("ecad", 1, KEYS)],
 }
 # diffusers' hooks with settings that skip about 2x and 3x of the deep blocks at 25 steps (measured by counting
 # calls of the last block); FasterCache is listed to show why it is missing.
@@ -88,14 +92,14 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     pilot = compare_methods(pipe, lambda: call(labels[: len(labels) // 5], NUM_INFERENCE_STEPS), [], 1,
                             progress=False, others=baselines)
     matched = sorted({f"latency:{r.speedup:.2f}x" for r in pilot if r.method in baselines and r.speedup > 1})
-    for method, forecast in SEARCHES[name]:
+    for method, forecast, extra in SEARCHES[name]:
         for budget in args.budgets + (matched if forecast else []):
-            options = {"generations": args.generations} if method == "ecad" else {}
+            options = extra | ({"generations": args.generations} if method == "ecad" else {})
             start = time.perf_counter()
             schedule = diffcache.search(
                 pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
                 guidance_scale=GUIDANCE_SCALE, batch_size=10, forecast=forecast, resume=True, progress=False,
-                out_dir=Path(args.work) / name / f"{method}-f{forecast}", **options,
+                out_dir=Path(args.work) / name / f"{method}-f{forecast}{'-keys' if extra else ''}", **options,
             )
             search_cost[label(schedule)] = time.perf_counter() - start
             methods.append(schedule)

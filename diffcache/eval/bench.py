@@ -126,8 +126,8 @@ def label(method: str | Schedule) -> str:
     """A method's name in tables: its tag, or ``"<method> <budget>"`` for a searched schedule."""
     if isinstance(method, str):
         return method
-    forecast = ",forecast=1" if method.forecast else ""
-    return method.tag or f"{method.method}{forecast} {method.meta.get('budget', '')}".strip()
+    options = (",key_steps=1" if method.params.get("key_steps") else "") + (",forecast=1" if method.forecast else "")
+    return method.tag or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
 
 
 def _amdahl(share: float, speedup: float) -> float:

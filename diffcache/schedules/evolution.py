@@ -11,6 +11,10 @@ Under ``accelerate launch`` the candidates of a generation are split over the pr
 
 On a UNet a step's bits must be a shell prefix (``1..10..0``); the genome keeps one bit per unit and a step
 recomputes as many shells as it has ones, so every genome is valid and one flip moves the cache branch by one.
+
+``Genome(..., key_steps=True)`` searches only *where the key steps are*: one bit per step, every slot follows it
+(a UNet reuses from ``branch`` down). That is ``T - 1`` bits instead of ``(T - 1)`` x slots, small enough for a
+CPU-sized run to explore, and it is the space where uniform, DeepCache, TaylorSeer and DP schedules live.
 """
 
 from __future__ import annotations
@@ -100,20 +104,30 @@ class EvolutionResult:
 
 
 class Genome:
-    """Bits <-> `Schedule` for one model layout (``template`` gives units, components, present, model)."""
+    """Bits <-> `Schedule` for one model layout (``template`` gives units, components, present, model).
 
-    def __init__(self, template: Schedule, unet: bool) -> None:
-        self.template, self.unet = template, unet
+    ``key_steps``: one bit per step 1..T-1 (1 = recompute everything); a reuse step reuses every slot, on a UNet
+    every unit from ``branch`` down."""
+
+    def __init__(self, template: Schedule, unet: bool, key_steps: bool = False, branch: int = 0) -> None:
+        self.template, self.unet, self.key_steps = template, unet, key_steps
         self.mask = np.broadcast_to(template.present_mask, template.recompute.shape).copy()
         self.mask[0] = False
-        self.length = int(self.mask.sum())
+        self.reuse = template.present_mask.copy()  # what a reuse step reuses (key-step genomes)
+        self.reuse[:branch] = False
+        self.length = template.num_steps - 1 if key_steps else int(self.mask.sum())
 
     def encode(self, schedule: Schedule) -> list[int]:
+        if self.key_steps:
+            return schedule.recompute[1:].all(axis=(1, 2)).astype(int).tolist()
         return schedule.recompute[self.mask].astype(int).tolist()
 
     def decode(self, bits: Sequence[int], **meta: Any) -> Schedule:
         grid = np.ones_like(self.mask)
-        grid[self.mask] = np.asarray(bits, dtype=bool)
+        if self.key_steps:
+            grid[1:][~np.asarray(bits, dtype=bool)] = ~self.reuse
+        else:
+            grid[self.mask] = np.asarray(bits, dtype=bool)
         if self.unet:  # as many shells as ones, shallowest first
             grid = (-np.sort(-grid.astype(int), axis=1)).astype(bool)
         t = self.template

@@ -153,21 +153,24 @@ def _bac(job: _Job, options: dict[str, Any]) -> Schedule:
 
 
 def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
+    options = dict(options)
+    key_steps, branch = bool(options.pop("key_steps", False)), int(options.pop("branch", 0))
     try:
         config = EvolutionConfig(**options)
     except TypeError as err:
-        raise SearchError(f"ecad options: {err}; see diffcache.schedules.evolution.EvolutionConfig") from None
+        raise SearchError(f"ecad options: {err}; see diffcache.schedules.evolution.EvolutionConfig "
+                          "(and key_steps=1, branch=B for the key-step genome)") from None
     steps, adapter = job.data.steps(job.pipe), job.adapter
     layout = adapter.layout(job.granularity)
     template = Schedule(np.ones((steps, len(layout.units), len(layout.components)), dtype=bool), layout.units,
                         layout.components, "none", {}, adapter.model_info, present=layout.present,
                         forecast=job.forecast)
-    genome = Genome(template, adapter.family == "unet")
+    genome = Genome(template, adapter.family == "unet", key_steps, branch)
     # Candidates are judged as they will run: with the search's forecast setting.
     seeds = [replace(seed, forecast=job.forecast) for seed in _seed_schedules(job, steps)]
     score = job.quality if callable(job.quality) else quality_function(job.quality)
     key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
-                getattr(score, "__name__", "custom")])
+                getattr(score, "__name__", "custom"), key_steps, branch])
     result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
                     progress=job.progress, resume=job.resume,
                     checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)
@@ -177,7 +180,8 @@ def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     chosen = result.pick(job.budget)
     meta = {"quality": chosen.meta["quality"], "front_size": len(result.front),
             "evaluated": result.history[-1]["evaluated"]}
-    return replace(chosen, params=_config_params(config), meta=meta)
+    params = _config_params(config) | ({"key_steps": 1, "branch": branch} if key_steps else {})
+    return replace(chosen, params=params, meta=meta)
 
 
 def _router(job: _Job, options: dict[str, Any]) -> Schedule:

@@ -138,9 +138,24 @@ def test_unet_genome_decodes_to_valid_shells():
     assert genome.decode(genome.encode(deepcache)).recompute.tolist() == deepcache.recompute.tolist()
 
 
+def test_key_step_genome_round_trips_presets():
+    unet = resolve_adapter(denoiser_of(build_pipeline("sd")))
+    genome = Genome(diffcache.Schedule.from_tag("none", unet, 8), unet=True, key_steps=True, branch=2)
+    assert genome.length == 7
+    deepcache = diffcache.Schedule.from_tag("deepcache:interval=3,branch=2", unet, 8)
+    assert genome.encode(deepcache) == [0, 0, 1, 0, 0, 1, 0]
+    assert genome.decode(genome.encode(deepcache)).recompute.tolist() == deepcache.recompute.tolist()
+    dit = resolve_adapter(denoiser_of(build_pipeline("dit")))
+    genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", dit, 8), unet=False, key_steps=True)
+    fora = diffcache.Schedule.from_tag("fora:interval=3,warmup=2", dit, 8)
+    assert genome.encode(fora) == [1, 0, 0, 1, 0, 0, 1]
+    assert genome.decode(genome.encode(fora)).recompute.tolist() == fora.recompute.tolist()
+
+
 @pytest.mark.parametrize("method", ["dp", "bac", "ecad", "router"])
 def test_search_result_fits_budget_and_runs_through_accelerate(dit, tmp_path, method):
-    options = {"ecad": {"generations": 1, "population": 8}, "router": {"epochs": 2, "lambda_every": 1}}
+    options = {"ecad": {"generations": 1, "population": 8, "key_steps": 1},
+               "router": {"epochs": 2, "lambda_every": 1}}
     schedule = diffcache.search(dit, LABELS, method, "recompute:0.6", num_inference_steps=STEPS,
                                 guidance_scale=4.0, batch_size=2, out_dir=tmp_path, progress=False,
                                 **options.get(method, {}))
