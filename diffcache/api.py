@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
-from .errors import DiffcacheError, UnsupportedModelError
-from .runtime import CacheSummary, Executor, attach, detach, find_attachment, suspended
+from .errors import DiffcacheError, QuantError, UnsupportedModelError
+from .quant import PRESETS, QuantCalibration, QuantConfig
+from .runtime import QUANT_HOOK, CacheSummary, Executor, add_hooks, attach, detach, find_attachment, suspended
 from .schedule import Schedule
 from .schedules.presets import build_from_tag
 
@@ -24,7 +25,13 @@ ScheduleLike = Schedule | str | os.PathLike
 _VALIDATION_STEPS = 50  # step count at which a tag is built once up front, so bad tags fail in accelerate()
 
 
-def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[str] | None = None) -> Pipeline:
+def accelerate(
+    pipe: Pipeline,
+    schedule: ScheduleLike,
+    *,
+    units: str | Sequence[str] | None = None,
+    quant: QuantConfig | QuantCalibration | str | os.PathLike | None = None,
+) -> Pipeline:
     """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
 
     Args:
@@ -36,18 +43,32 @@ def accelerate(pipe: Pipeline, schedule: ScheduleLike, *, units: str | Sequence[
             A schedule made for another step count is resampled (presets exactly, searched plans with a warning).
         units: glob patterns over the denoiser's module names (``"blocks.*"``) to cache those modules as whole
             blocks, for denoisers no built-in adapter knows.
+        quant: also quantize the denoiser's Linear/Conv2d layers: a `diffcache.quant.QuantCalibration` (or the
+            path of a saved one) for weights and per-step activations, or the weight-only preset ``"w8"``.
+            Runs in simulation (fake quantization) in this version.
 
     Calling it on an already accelerated pipeline replaces the plan. `restore` undoes it bit-exactly.
 
     Raises:
         ScheduleError: the schedule is malformed or does not fit this model.
         UnsupportedModelError: no adapter applies to the denoiser (the message says how to pass ``units=``).
+        QuantError: ``quant`` is unknown, unreadable, or calibrated for another model.
     """
     denoiser, scheduler = _parts(pipe)
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
+    quant = _quant_source(quant)
     detach(denoiser)
-    attach(denoiser, Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None), granularity)
+    executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None)
+    attach(denoiser, executor, granularity)
+    if quant is not None:
+        from .quant.simulate import fake_quant_hooks
+
+        try:
+            add_hooks(denoiser, fake_quant_hooks(adapter, quant, executor), QUANT_HOOK)
+        except Exception:
+            detach(denoiser)
+            raise
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 
@@ -143,6 +164,17 @@ def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[in
         return plans[num_steps]
 
     return plan_for, first.granularity
+
+
+def _quant_source(quant: Any) -> QuantConfig | QuantCalibration | None:
+    if quant is None or isinstance(quant, (QuantConfig, QuantCalibration)):
+        return quant
+    if isinstance(quant, str) and quant.lower() in PRESETS:
+        return PRESETS[quant.lower()]
+    if isinstance(quant, (str, os.PathLike)):
+        return QuantCalibration.load(quant)
+    raise QuantError(f"quant must be a QuantConfig, a QuantCalibration, a preset name or a calibration path, "
+                     f"got {type(quant).__name__}")
 
 
 def _is_path(text: str) -> bool:

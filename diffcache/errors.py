@@ -34,3 +34,7 @@ class PipelineNotFoundError(DiffcacheError, ValueError):
 class SearchError(DiffcacheError, ValueError):
     """A schedule search cannot run as asked: bad budget, unknown method, a budget no schedule meets, or a
     checkpoint/calibration made for another model or setting."""
+
+
+class QuantError(DiffcacheError, ValueError):
+    """A quantization config or calibration is invalid, or was made for another model or step count."""

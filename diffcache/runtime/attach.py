@@ -21,6 +21,7 @@ from diffusers.hooks import HookRegistry
 from ..adapters.base import Adapter
 from ..adapters.dit import TransformerAdapter
 from ..adapters.unet import UNetAdapter
+from ..errors import AccelerationStateError
 from ..schedule import Schedule
 from .executor import Executor
 from .hooks import BlockHook, ComponentHook, DenoiserHook, UNetLayerHook
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 LEADER_HOOK = "diffcache.denoiser"
 UNIT_HOOK = "diffcache.unit"
 COMPONENT_HOOK = "diffcache.component"
+QUANT_HOOK = "diffcache.quant"
 _SCHEDULER_METHODS = ("set_timesteps", "step")
 
 
@@ -68,6 +70,16 @@ def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> A
         _wrap_scheduler(attachment)
     logger.debug("diffcache: %d hooks attached to %s", len(attachment.hooked), type(denoiser).__name__)
     return attachment
+
+
+def add_hooks(denoiser: torch.nn.Module, hooks: list[tuple[torch.nn.Module, Any]], name: str) -> None:
+    """Put more hooks (e.g. quantized layers) under ``denoiser``'s attachment, so `detach` removes them too."""
+    attachment = find_attachment(denoiser)
+    if attachment is None:
+        raise AccelerationStateError("add_hooks needs an attached denoiser; call attach first")
+    for module, hook in hooks:
+        _register(attachment, module, hook, name)
+    HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
 
 
 def find_attachment(denoiser: torch.nn.Module) -> Attachment | None:

@@ -169,8 +169,9 @@ def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     # Candidates are judged as they will run: with the search's forecast setting.
     seeds = [replace(seed, forecast=job.forecast) for seed in _seed_schedules(job, steps)]
     score = job.quality if callable(job.quality) else quality_function(job.quality)
+    genome_kind = [("key_steps", branch)] if key_steps else []  # (the full genome's keys predate this option)
     key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
-                getattr(score, "__name__", "custom"), key_steps, branch])
+                getattr(score, "__name__", "custom"), *genome_kind])
     result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
                     progress=job.progress, resume=job.resume,
                     checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)

@@ -1,0 +1,205 @@
+"""Activation ranges per layer and per step, recorded on calibration prompts, saved and reloaded.
+
+Every ``nn.Linear`` and ``nn.Conv2d`` of the denoiser (minus ``config.skip``) gets an observer on its input;
+the pipeline runs the calibration generations (optionally under the cache schedule that will be deployed: its
+cached steps see other inputs, CacheQuant's point) and each layer keeps the low/high of its input at every
+step. Weights need no calibration data: their scales are computed from the weights when quantizing, so a saved
+calibration plus the same weights reproduce the quantized model exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.hooks import ModelHook
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, denoiser_of, resolve_adapter
+from ..errors import QuantError
+from ..files import write_atomic
+from ..runtime import Executor, attach, detach, suspended
+from ..schedule import Schedule
+from ..schedules.calibrate import CalibrationData, conditions_from
+from .config import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "diffcache.quant-calibration/1"
+_OBSERVER_HOOK = "diffcache.quant-observer"
+_SAMPLES_PER_CALL = 4096  # input elements kept per call for percentile ranges (fixed stride)
+
+
+def quantizable_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every plain ``nn.Linear`` / ``nn.Conv2d`` not matched by ``config.skip``."""
+    return [(name, module) for name, module in denoiser.named_modules()
+            if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not any(s in name for s in config.skip)]
+
+
+@dataclass
+class QuantCalibration:
+    """Input ranges of the quantized layers: ``ranges[layer, step] = (low, high)``.
+
+    With ``config.per_step=False`` every step holds the range over all steps.
+    """
+
+    config: QuantConfig
+    model: dict[str, str]
+    layers: list[str]
+    ranges: np.ndarray
+    data_key: str = ""
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.ranges.shape[1])
+
+    def check(self, adapter: Adapter) -> None:
+        """Raise `QuantError` unless this calibration was made on ``adapter``'s architecture and layers."""
+        if self.model != adapter.model_info:
+            raise QuantError(
+                f"this quantization calibration was made for {self.model['class']} (config "
+                f"{self.model['fingerprint']}), not {adapter.model_info['class']} (config "
+                f"{adapter.model_info['fingerprint']}); calibrate again with diffcache.quant.calibrate(pipe, ...)"
+            )
+        names = [name for name, _ in quantizable_layers(adapter.denoiser, self.config)]
+        if names != self.layers:
+            raise QuantError(f"the denoiser has {len(names)} quantizable layers, the calibration {len(self.layers)}; "
+                             "calibrate again")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One ``.npz`` (ranges plus JSON header), written atomically."""
+        header = {"format": _FORMAT, "config": self.config.to_dict(), "model": self.model, "layers": self.layers,
+                  "data_key": self.data_key}
+        buffer = io.BytesIO()
+        np.savez(buffer, header=np.array(json.dumps(header)), ranges=self.ranges)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantCalibration:
+        """Inverse of :meth:`save`; raises `QuantError` for anything else."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header.get("format") != _FORMAT:
+                    raise ValueError(f"format {header.get('format')!r}")
+                config = header["config"] | {"skip": tuple(header["config"]["skip"])}
+                return cls(QuantConfig(**config), header["model"], header["layers"], data["ranges"],
+                           header["data_key"])
+        except FileNotFoundError:
+            raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
+                             "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache quantization calibration ({err})") \
+                from None
+
+
+class _Observer(ModelHook):
+    """Records the low/high (and a strided sample, for percentiles) of a layer's input at each step."""
+
+    def __init__(self, clock: Executor, record: dict[int, list]) -> None:
+        super().__init__()
+        self.clock, self.record = clock, record
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        x = (args[0] if args else kwargs["input"]).detach().float()
+        entry = self.record.setdefault(self.clock.step, [np.inf, -np.inf, []])
+        entry[0] = min(entry[0], x.min().item())
+        entry[1] = max(entry[1], x.max().item())
+        flat = x.flatten()
+        entry[2].append(flat[:: max(1, flat.numel() // _SAMPLES_PER_CALL)].clone())
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str | int] | str | os.PathLike,
+    config: QuantConfig | str = "w8a8",
+    *,
+    schedule: Schedule | str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantCalibration:
+    """Record per-step input ranges of ``pipe``'s denoiser layers on ``prompts`` (or class labels).
+
+    Args:
+        config: a `QuantConfig` or preset name.
+        schedule: calibrate along the cached trajectory of this schedule (the one you will deploy with).
+        num_inference_steps, guidance_scale, seed, batch_size: the sampler settings of deployment; a calibration
+            is valid for exactly this step count.
+    """
+    config = QuantConfig.parse(config)
+    denoiser = denoiser_of(pipe)
+    adapter = resolve_adapter(denoiser)
+    data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
+    steps = data.steps(pipe)
+    plan = _plan(schedule, adapter, steps)
+    layers = quantizable_layers(denoiser, config)
+    if not layers:
+        raise QuantError(f"{type(denoiser).__name__} has no nn.Linear / nn.Conv2d layers to quantize "
+                         f"(skip={config.skip})")
+    records: list[dict[int, list]] = [{} for _ in layers]
+    with suspended(denoiser):
+        clock = Executor(adapter, lambda _n: plan, pipe.scheduler, pipe)
+        attach(denoiser, clock, plan.granularity)
+        for (_, module), record in zip(layers, records):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Observer(clock, record), _OBSERVER_HOOK)
+        try:
+            for kwargs in tqdm(data.batches(pipe), desc="quant calibration", disable=not progress):
+                pipe(**kwargs)
+        finally:
+            for _, module in layers:
+                module._diffusers_hook.remove_hook(_OBSERVER_HOOK, recurse=False)
+            detach(denoiser)
+    ranges = np.stack([_ranges(record, steps, config) for record in records]).astype(np.float32)
+    logger.info("diffcache: quantization calibration of %d layers over %d steps", len(layers), steps)
+    return QuantCalibration(config, adapter.model_info, [name for name, _ in layers], ranges, data.key())
+
+
+def _plan(schedule: Schedule | str | None, adapter: Adapter, steps: int) -> Schedule:
+    from ..schedules.presets import build_from_tag
+
+    if schedule is None:
+        return build_from_tag("none", adapter, steps)
+    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else schedule.resample(steps)
+    adapter.check_schedule(plan)
+    return plan
+
+
+def _ranges(record: dict[int, list], steps: int, config: QuantConfig) -> np.ndarray:
+    """``(steps, 2)`` low/high per step; one shared range when not ``per_step``."""
+    missing = [s for s in range(steps) if s not in record]
+    if len(missing) == steps:
+        raise QuantError("a quantizable layer never ran during calibration; add it to QuantConfig.skip")
+    out = np.zeros((steps, 2))
+    for step in range(steps):  # a layer skipped at some step (a cached branch) borrows the nearest step's range
+        low, high, samples = record[min(record, key=lambda s: abs(s - step))]
+        out[step] = _range(low, high, torch.cat(samples), config)
+    if not config.per_step:
+        values = torch.cat([torch.cat(entry[2]) for entry in record.values()])
+        low, high = min(e[0] for e in record.values()), max(e[1] for e in record.values())
+        out[:] = _range(low, high, values, config)
+    return out
+
+
+def _range(low: float, high: float, values: torch.Tensor, config: QuantConfig) -> tuple[float, float]:
+    """The activation range of ``config.act_range`` from the extremes and a sample of the inputs."""
+    if config.act_range == "minmax":
+        return low, high
+    q = torch.tensor([100 - config.percentile, config.percentile], dtype=values.dtype) / 100
+    return tuple(torch.quantile(values, q).tolist())
+
+
+__all__ = ["QuantCalibration", "calibrate", "quantizable_layers"]

@@ -1,0 +1,124 @@
+"""Quantization in simulation: quantizer math, per-step activation ranges, quant + cache, save/load, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffcache
+from diffcache.errors import AccelerationStateError, QuantError
+from diffcache.models import GUIDANCE_SCALE, load_pipeline
+from diffcache.quant import QuantCalibration, QuantConfig, calibrate
+from diffcache.quant.quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
+from diffcache.testing import build_pipeline
+
+from ..conftest import psnr, run
+
+LABELS = list(range(10))
+CALIBRATION = [i % 10 for i in range(40)]  # per-step ranges need enough samples per step to cover unseen inputs
+STEPS = 10
+
+
+def test_weight_quantizer_round_trips_within_half_a_step():
+    weight = torch.randn(16, 32) * torch.linspace(0.1, 3, 16)[:, None]
+    for bits in (8, 4):
+        scale = weight_scales(weight, bits, "minmax")
+        error = (fake_quant_weight(weight, scale, bits) - weight).abs()
+        assert (error <= scale[:, None] / 2 + 1e-6).all()
+        mse = weight_scales(weight, bits, "mse")
+        assert (mse <= scale + 1e-9).all()  # clipping only ever shrinks the range
+        mse_error = (fake_quant_weight(weight, mse, bits) - weight).pow(2).sum(1)
+        assert (mse_error <= error.pow(2).sum(1) + 1e-9).all()
+
+
+def test_activation_quantizer_round_trips_within_half_a_step():
+    x = torch.rand(1000) * 5 - 1
+    scale, zero = act_params(torch.tensor(-1.0), torch.tensor(4.0))
+    error = (fake_quant_act(x, scale, zero) - x).abs()
+    assert (error <= scale / 2 + 1e-6).all()
+    assert fake_quant_act(torch.zeros(3), scale, zero).eq(0).all()  # zero is exact
+    clipped = fake_quant_act(torch.tensor([10.0, -10.0]), scale, zero)
+    assert clipped[0] == pytest.approx(4.0, abs=scale.item()) and clipped[1] == pytest.approx(-1.0, abs=scale.item())
+
+
+@pytest.fixture(scope="module")
+def dit():
+    pipe = load_pipeline("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, labels=LABELS, steps=STEPS) -> np.ndarray:
+    return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="np",
+                generator=torch.Generator().manual_seed(1000)).images
+
+
+@pytest.fixture(scope="module")
+def calibrations(dit):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    shared = calibrate(dit, CALIBRATION, QuantConfig(per_step=False), num_inference_steps=STEPS,
+                       guidance_scale=GUIDANCE_SCALE, batch_size=20, progress=False)
+    per_step = calibrate(dit, CALIBRATION, "w8a8", num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
+                         batch_size=20, progress=False)
+    torch.set_num_threads(previous)
+    return shared, per_step
+
+
+def test_per_step_ranges_differ_and_beat_one_shared_range(dit, calibrations):
+    shared, per_step = calibrations
+    widths = per_step.ranges[:, :, 1] - per_step.ranges[:, :, 0]
+    assert (widths.max(1) > 1.5 * widths.min(1)).mean() > 0.3  # many layers see much wider inputs at some steps
+    full = generate(dit)
+    quality = {}
+    for name, calibration in (("shared", shared), ("per-step", per_step)):
+        with diffcache.accelerated(dit, "none", quant=calibration):
+            quality[name] = psnr(generate(dit), full)
+    assert 20 < quality["shared"] < quality["per-step"] < 80, quality
+
+
+def test_quant_with_cache_stays_close_and_save_load_is_exact(dit, calibrations, tmp_path):
+    _, per_step = calibrations
+    full = generate(dit)
+    with diffcache.accelerated(dit, "uniform:interval=2", quant=per_step):
+        both = generate(dit)
+        summary = diffcache.summary(dit)
+    assert summary.hits > 0
+    assert 20 < psnr(both, full) < 60
+    per_step.save(tmp_path / "w8a8.npz")
+    loaded = QuantCalibration.load(tmp_path / "w8a8.npz")
+    assert np.array_equal(loaded.ranges, per_step.ranges) and loaded.config == per_step.config
+    with diffcache.accelerated(dit, "uniform:interval=2", quant=str(tmp_path / "w8a8.npz")):
+        assert np.array_equal(generate(dit), both)
+    assert np.array_equal(generate(dit), full)  # leaving the block restores the float model bit for bit
+
+
+def test_weight_only_preset_needs_no_calibration():
+    pipe = build_pipeline("dit")
+    full = run(pipe, "dit")
+    diffcache.accelerate(pipe, "none", quant="w8")
+    out = run(pipe, "dit")
+    assert 30 < psnr(out, full) < 100
+    diffcache.restore(pipe)
+    assert np.array_equal(run(pipe, "dit"), full)
+
+
+def test_bad_quant_input(dit, calibrations, tmp_path):
+    _, per_step = calibrations
+    with pytest.raises(QuantError, match="weight_bits must be one of"):
+        QuantConfig(weight_bits=3)
+    with pytest.raises(QuantError, match="unknown quantization preset"):
+        QuantConfig.parse("w2a2")
+    with pytest.raises(QuantError, match="needs their ranges"):
+        diffcache.accelerate(build_pipeline("dit"), "none", quant="w8a8")
+    with pytest.raises(QuantError, match="made for DiTTransformer2DModel"):
+        diffcache.accelerate(build_pipeline("dit"), "none", quant=per_step)
+    (tmp_path / "bad.npz").write_text("not a calibration")
+    with pytest.raises(QuantError, match="not a readable"):
+        diffcache.accelerate(dit, "none", quant=str(tmp_path / "bad.npz"))
+    with pytest.raises(QuantError, match="no quantization calibration"):
+        diffcache.accelerate(dit, "none", quant=str(tmp_path / "missing.npz"))
+    with diffcache.accelerated(dit, "none", quant=per_step):
+        with pytest.raises(AccelerationStateError, match="calibrated for 10 steps"):
+            generate(dit, steps=12)
