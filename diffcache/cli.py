@@ -55,12 +55,38 @@ def _run(args: argparse.Namespace) -> int:
     conditional = is_class_conditional(pipe)
     if conditional == (args.class_label is None):
         args.parser.error(f"{type(pipe).__name__} takes {'--class-label' if conditional else '--prompt'}")
-    accelerate(pipe, args.schedule)
+    accelerate(pipe, args.schedule, quant=args.quant)
     condition = args.class_label if conditional else args.prompt
     kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
     Image.fromarray(to_uint8(pipe(**kwargs).images[0])).save(args.out)
     print(summary(pipe))
+    if args.quant:
+        print(f"quantized with {args.quant} (simulated: fake quantization, slower than float)")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .loading import parse_conditions, read_prompt_file
+    from .quant import calibrate
+
+    try:
+        lines = read_prompt_file(args.prompts)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(str(err))
+    pipe = _load(args)
+    try:
+        conditions = parse_conditions(pipe, lines)[: args.limit]
+    except ValueError as err:
+        args.parser.error(str(err))
+    calibration = calibrate(pipe, conditions, args.config, schedule=args.schedule, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    calibration.save(args.out)
+    widths = calibration.ranges[..., 1] - calibration.ranges[..., 0]
+    print(f"{calibration.config.name}: {len(calibration.layers)} layers, {calibration.num_steps} steps; input "
+          f"ranges vary up to {float((widths.max(1) / widths.min(1).clip(1e-12)).max()):.1f}x across steps")
+    print(f"wrote {args.out}; use it with: diffcache run --pipeline {args.pipeline} --schedule ... --quant {args.out}")
     return 0
 
 
@@ -228,7 +254,26 @@ def _parser() -> argparse.ArgumentParser:
     condition.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
     condition.add_argument("--class-label", type=int, help="class id (class-conditional pipelines)")
     run.add_argument("--out", required=True, help="output PNG path")
+    run.add_argument("--quant", default=None,
+                     help="quantization calibration (.npz from `diffcache quantize`) or the weight-only preset w8")
     run.set_defaults(handler=_run, parser=run)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="calibrate post-training quantization (per-step activation ranges) on your prompts",
+        description="Runs the pipeline on the prompts (or class ids) in PROMPTS and records every Linear/Conv2d "
+        "input range at every step; writes a calibration that `run --quant` and accelerate(pipe, s, quant=...) "
+        "load. Calibrate with the step count, guidance and cache schedule you will deploy with.",
+        epilog="Example: diffcache quantize --pipeline digits-dit --prompts labels.txt --config w8a8 --out w8a8.npz",
+    )
+    _pipeline_args(quantize)
+    quantize.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
+    quantize.add_argument("--config", default="w8a8", help="w8a8 (default) or w4a8")
+    quantize.add_argument("--schedule", default=None, help="calibrate on this schedule's cached trajectory")
+    quantize.add_argument("--out", required=True, help="calibration .npz to write")
+    quantize.add_argument("--batch-size", type=int, default=8, help="images per call (default 8)")
+    quantize.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    quantize.set_defaults(handler=_quantize, parser=quantize)
 
     evaluate = commands.add_parser(
         "eval",

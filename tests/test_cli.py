@@ -56,3 +56,24 @@ def test_run_writes_an_image(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--pipeline", str(tmp_path / "sd"), "--class-label", "3", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_quantize_then_run_quantized(tmp_path, capsys):
+    build_pipeline("dit").save_pretrained(tmp_path / "dit")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n2\n")
+    calibration = tmp_path / "w8a8.npz"
+    assert main(["quantize", "--pipeline", str(tmp_path / "dit"), "--prompts", str(labels), "--steps", "4",
+                 "--out", str(calibration)]) == 0
+    assert "w8a8:" in capsys.readouterr().out and calibration.stat().st_size > 0
+    out = tmp_path / "q.png"
+    assert main(["run", "--pipeline", str(tmp_path / "dit"), "--schedule", "fora:interval=2", "--class-label", "3",
+                 "--steps", "4", "--quant", str(calibration), "--out", str(out)]) == 0
+    assert "simulated" in capsys.readouterr().out and out.stat().st_size > 0
+    assert main(["run", "--pipeline", str(tmp_path / "dit"), "--class-label", "3", "--steps", "6", "--quant",
+                 str(calibration), "--out", str(out)]) == 1
+    assert "calibrated for 4 steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--pipeline", str(tmp_path / "dit"), "--prompts", str(tmp_path / "none.txt"),
+              "--out", str(calibration)])
+    assert exc.value.code == 2
