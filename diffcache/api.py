@@ -12,7 +12,7 @@ import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
 from .errors import DiffcacheError, QuantError, UnsupportedModelError
-from .quant import PRESETS, QuantCalibration, QuantConfig
+from .quant import PRESETS, CacheCorrection, QuantCalibration, QuantConfig
 from .runtime import QUANT_HOOK, CacheSummary, Executor, add_hooks, attach, detach, find_attachment, suspended
 from .schedule import Schedule
 from .schedules.presets import build_from_tag
@@ -31,6 +31,7 @@ def accelerate(
     *,
     units: str | Sequence[str] | None = None,
     quant: QuantConfig | QuantCalibration | str | os.PathLike | None = None,
+    correction: CacheCorrection | str | os.PathLike | None = None,
 ) -> Pipeline:
     """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
 
@@ -46,6 +47,8 @@ def accelerate(
         quant: also quantize the denoiser's Linear/Conv2d layers: a `diffcache.quant.QuantCalibration` (or the
             path of a saved one) for weights and per-step activations, or the weight-only preset ``"w8"``.
             Runs in simulation (fake quantization) in this version.
+        correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
+            per-step, per-channel correction of the reused UNet branch feature.
 
     Calling it on an already accelerated pipeline replaces the plan. `restore` undoes it bit-exactly.
 
@@ -58,8 +61,13 @@ def accelerate(
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
     quant = _quant_source(quant)
+    if correction is not None and not isinstance(correction, CacheCorrection):
+        correction = CacheCorrection.load(correction)
+    if correction is not None:
+        correction.check(adapter, plan_for(correction.num_steps))
     detach(denoiser)
     executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None)
+    executor.correction = correction
     attach(denoiser, executor, granularity)
     if quant is not None:
         from .quant.simulate import fake_quant_hooks

@@ -10,5 +10,7 @@ first version executes in simulation (fake quantization, labelled as such); real
 
 from .calibration import QuantCalibration, calibrate, quantizable_layers
 from .config import PRESETS, QuantConfig
+from .correction import CacheCorrection, fit_cache_correction
 
-__all__ = ["PRESETS", "QuantCalibration", "QuantConfig", "calibrate", "quantizable_layers"]
+__all__ = ["PRESETS", "CacheCorrection", "QuantCalibration", "QuantConfig", "calibrate", "fit_cache_correction",
+           "quantizable_layers"]

@@ -71,11 +71,16 @@ class Executor:
         self.branch: int | None = None
         self.since: dict[Any, int] = {}
         self.written: list[Any] = []
+        # Optional CacheQuant correction of reused UNet branch features, and this call's (alpha, beta):
+        self.correction: Any | None = None
+        self.fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------- generation
     def start_generation(self, num_steps: int) -> None:
         """Called after ``scheduler.set_timesteps``: new plan, empty caches, step 0."""
         self._use_plan(self.plan_for(num_steps))
+        if self.correction is not None:
+            self.correction.check(self.adapter, self.plan)
         self._check_compiled_variants()
         self.release()
         self.stats.start(self.plan.num_steps)
@@ -199,6 +204,9 @@ class Executor:
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
         if self.adapter.family == "unet":
             self.branch = self._unet_branch()
+            like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            fix = self.correction is not None and self.branch is not None and like is not None
+            self.fix = self.correction.at(self.step, like) if fix else None
         else:
             self.branch = None
             self.row = self._available_row()

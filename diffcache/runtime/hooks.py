@@ -154,6 +154,8 @@ class UNetLayerHook(ModelHook):
                         f"{layer.skip_channels}-channel skip alone; the UNet's forward differs from diffusers'"
                     )
                 feature, memory_format = ex.cached(("F", j))
+                if ex.fix is not None:  # CacheQuant's per-channel correction of the stale feature
+                    feature = feature * ex.fix[0] + ex.fix[1]
                 # Same memory layout as on the full step (oneDNN may hand out channels_last), so the resnet
                 # computes in the same order and unchanged inputs reproduce the full step bit for bit.
                 joined = torch.cat([feature, x], dim=1).contiguous(memory_format=memory_format)

@@ -1,0 +1,194 @@
+"""CacheQuant's decoupled error correction, cache part (specs/algorithms.md section 5, "DEC").
+
+On a DeepCache step ``k`` the UNet reuses the branch feature ``F_b`` of the last key step ``a``. CacheQuant
+replaces it with ``alpha_k * F_b(a) + beta_k``: one affine map per step and channel, fitted in closed form
+(least squares over batch and positions) on the full model's own trajectory, ``X = F_b(a)`` (what the cache
+holds) against ``Y = F_b(k)`` (what the step should have seen). It costs one multiply-add per reuse step and
+``2 x steps x channels`` numbers, and it is tied to the schedule it was fitted for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, denoiser_of, resolve_adapter
+from ..errors import QuantError, UnsupportedModelError
+from ..files import write_atomic
+from ..runtime import Executor, attach, detach, suspended
+from ..schedule import Schedule
+from ..schedules.calibrate import CalibrationData, conditions_from
+
+_FORMAT = "diffcache.cache-correction/1"
+
+
+@dataclass
+class CacheCorrection:
+    """Per-step affine corrections of the reused UNet branch feature (``alpha[k] = 1, beta[k] = 0`` where step
+    ``k`` reuses nothing). ``plan`` is the schedule's bit string it was fitted for."""
+
+    model: dict[str, str]
+    plan: str
+    alpha: list[np.ndarray | None]
+    beta: list[np.ndarray | None]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.alpha)
+
+    def check(self, adapter: Adapter, schedule: Schedule) -> None:
+        """Raise `QuantError` unless fitted for this model and exactly this schedule."""
+        if self.model != adapter.model_info:
+            raise QuantError(f"this cache correction was fitted for {self.model['class']} (config "
+                             f"{self.model['fingerprint']}), not this {adapter.model_info['class']}; fit it again")
+        if _plan_key(schedule) != self.plan:
+            raise QuantError(f"this cache correction was fitted for another schedule or step count ({self.num_steps} "
+                             f"steps); fit it again for {schedule.tag or schedule.method} at {schedule.num_steps} "
+                             "steps with diffcache.quant.fit_cache_correction")
+        if schedule.forecast:
+            raise QuantError("a cache correction corrects copies of the cache; it does not apply to forecast=1")
+
+    def at(self, step: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(alpha, beta)`` shaped ``(1, C, 1, 1)`` for step ``step`` (None where nothing is reused)."""
+        if step >= self.num_steps or self.alpha[step] is None:
+            return None
+        shape = (1, -1, 1, 1)
+        return (torch.as_tensor(self.alpha[step], dtype=like.dtype, device=like.device).view(shape),
+                torch.as_tensor(self.beta[step], dtype=like.dtype, device=like.device).view(shape))
+
+    def save(self, path: str | os.PathLike) -> None:
+        header = {"format": _FORMAT, "model": self.model, "plan": self.plan,
+                  "steps": [a is not None for a in self.alpha]}
+        arrays = {f"{name}_{k}": value for name, values in (("alpha", self.alpha), ("beta", self.beta))
+                  for k, value in enumerate(values) if value is not None}
+        buffer = io.BytesIO()
+        np.savez(buffer, header=np.array(json.dumps(header)), **arrays)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CacheCorrection:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header.get("format") != _FORMAT:
+                    raise ValueError(f"format {header.get('format')!r}")
+                steps = header["steps"]
+                alpha = [data[f"alpha_{k}"] if used else None for k, used in enumerate(steps)]
+                beta = [data[f"beta_{k}"] if used else None for k, used in enumerate(steps)]
+                return cls(header["model"], header["plan"], alpha, beta)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache cache correction ({err})") from None
+
+
+class _FeatureRecorder(Executor):
+    """Runs the full model and keeps every branch feature the schedule reuses, at every step."""
+
+    def __init__(self, adapter: Adapter, schedule: Schedule, pipe: Any, branches: set[int]) -> None:
+        full = Schedule(np.ones_like(schedule.recompute), schedule.units, schedule.components, "none")
+        super().__init__(adapter, lambda _n: full, pipe.scheduler, pipe)
+        self.branches = branches
+        self.features: dict[tuple[int, int], torch.Tensor] = {}
+
+    def start_generation(self, num_steps: int) -> None:
+        super().start_generation(num_steps)
+        self.needed = [[unit in self.branches] for unit in range(len(self.adapter.unit_names))]
+        self.features = {}
+
+    def put(self, key: Any, value: Any) -> None:
+        self.features[(key[1], self.step)] = value[0].detach()
+
+
+def fit_cache_correction(
+    pipe: Any,
+    prompts: Sequence[str | int] | str | os.PathLike,
+    schedule: Schedule | str,
+    *,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CacheCorrection:
+    """Fit the per-step, per-channel correction of ``schedule``'s reused UNet branch features on ``prompts``.
+
+    Raises:
+        UnsupportedModelError: the denoiser is not a UNet (DeepCache branch features).
+    """
+    from ..schedules.presets import build_from_tag
+
+    denoiser = denoiser_of(pipe)
+    adapter = resolve_adapter(denoiser)
+    if adapter.family != "unet":
+        raise UnsupportedModelError("the cache correction fits UNet branch features (DeepCache); "
+                                    f"{type(denoiser).__name__} is not a UNet")
+    data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
+    steps = data.steps(pipe)
+    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else schedule.resample(steps)
+    adapter.check_schedule(plan)
+    pairs = _reuse_pairs(plan.recompute[:, :, 0])  # step -> (branch, key step)
+    fits = {step: ChannelFit() for step in pairs}
+    with suspended(denoiser):
+        recorder = _FeatureRecorder(adapter, plan, pipe, {b for b, _ in pairs.values()})
+        attach(denoiser, recorder, plan.granularity)
+        try:
+            for kwargs in tqdm(data.batches(pipe), desc="cache correction", disable=not progress):
+                pipe(**kwargs)
+                for step, (branch, key) in pairs.items():
+                    fits[step].add(recorder.features[(branch, key)], recorder.features[(branch, step)])
+        finally:
+            detach(denoiser)
+    alpha: list[np.ndarray | None] = [None] * steps
+    beta: list[np.ndarray | None] = [None] * steps
+    for step, fit in fits.items():
+        alpha[step], beta[step] = fit.solve()
+    return CacheCorrection(adapter.model_info, _plan_key(plan), alpha, beta)
+
+
+class ChannelFit:
+    """Least squares ``y ~ alpha_c * x + beta_c`` per channel (dim 1) over all other dims, from running sums."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        x, y = x.double(), y.double()
+        moments = [x.sum(dims), y.sum(dims), (x * x).sum(dims), (x * y).sum(dims),
+                   torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64)]
+        self.sums = moments if self.sums is None else [a + b for a, b in zip(self.sums, moments)]
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray]:
+        sx, sy, sxx, sxy, n = self.sums
+        mx, my = sx / n, sy / n
+        var = sxx / n - mx * mx
+        alpha = torch.where(var > 1e-12, (sxy / n - mx * my) / var.clamp_min(1e-12), torch.ones_like(var))
+        return alpha.float().numpy(), (my - alpha * mx).float().numpy()
+
+
+def _reuse_pairs(bits: np.ndarray) -> dict[int, tuple[int, int]]:
+    """For each step that reuses a branch: (the branch, the last earlier step that computed it)."""
+    pairs = {}
+    for step in range(1, len(bits)):
+        reused = np.flatnonzero(~bits[step])
+        if len(reused):
+            branch = int(reused[0])
+            key = max(k for k in range(step) if bits[k, branch])
+            pairs[step] = (branch, key)
+    return pairs
+
+
+def _plan_key(schedule: Schedule) -> str:
+    return "|".join("".join("1" if b else "0" for b in row) for row in schedule.recompute[:, :, 0])
+
+
+__all__ = ["CacheCorrection", "fit_cache_correction"]

@@ -1,0 +1,68 @@
+"""CacheQuant's cache-error correction of reused UNet branch features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffcache
+from diffcache.errors import QuantError, UnsupportedModelError
+from diffcache.quant import CacheCorrection, fit_cache_correction
+from diffcache.quant.correction import ChannelFit
+from diffcache.testing import build_pipeline
+
+from ..conftest import STEPS, psnr, run
+
+TAG = "deepcache:interval=3,branch=1"
+
+
+def test_channel_fit_is_least_squares():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=generator)
+    y = x * torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1) + torch.tensor([1.0, 0.0, -3.0]).view(1, 3, 1, 1)
+    fit = ChannelFit()
+    fit.add(x[:2], y[:2])
+    fit.add(x[2:], y[2:])  # running sums over batches give the pooled solution
+    alpha, beta = fit.solve()
+    np.testing.assert_allclose(alpha, [2.0, -1.0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(beta, [1.0, 0.0, -3.0], atol=1e-6)
+    noisy = y + 0.3 * torch.randn(y.shape, generator=generator)
+    fit = ChannelFit()
+    fit.add(x, noisy)
+    alpha, beta = (torch.tensor(v).view(1, 3, 1, 1) for v in fit.solve())
+    fitted = ((x * alpha + beta - noisy) ** 2).mean((0, 2, 3))
+    for scale in (0.9, 1.1):  # perturbing the solution only makes the residual worse
+        assert (((x * alpha * scale + beta - noisy) ** 2).mean((0, 2, 3)) > fitted).all()
+
+
+def test_correction_runs_saves_and_checks(tmp_path):
+    pipe = build_pipeline("sd")
+    prompts = ["a red car", "a blue bird"]
+    correction = fit_cache_correction(pipe, prompts, TAG, num_inference_steps=STEPS, guidance_scale=5.0,
+                                      batch_size=2, progress=False)
+    reused = [k for k in range(STEPS) if k % 3]
+    assert [k for k, a in enumerate(correction.alpha) if a is not None] == reused
+    assert all(not np.allclose(correction.alpha[k], 1) for k in reused)
+    full = run(pipe, "sd")
+    with diffcache.accelerated(pipe, TAG):
+        plain = run(pipe, "sd")
+    with diffcache.accelerated(pipe, TAG, correction=correction):
+        fixed = run(pipe, "sd")
+    assert not np.array_equal(fixed, plain)
+    assert 20 < psnr(fixed, full) < 100
+    correction.save(tmp_path / "fix.npz")
+    with diffcache.accelerated(pipe, TAG, correction=str(tmp_path / "fix.npz")):
+        assert np.array_equal(run(pipe, "sd"), fixed)
+    with pytest.raises(QuantError, match="another schedule or step count"):
+        diffcache.accelerate(pipe, "deepcache:interval=2,branch=1", correction=correction)
+    with pytest.raises(QuantError, match="forecast=1"):
+        diffcache.accelerate(pipe, TAG + ",forecast=1", correction=correction)
+    with diffcache.accelerated(pipe, TAG, correction=correction):
+        with pytest.raises(QuantError, match="another schedule or step count"):
+            run(pipe, "sd", steps=STEPS + 2)
+    with pytest.raises(QuantError, match="not a readable"):
+        CacheCorrection.load(tmp_path / "missing.npz")
+    with pytest.raises(UnsupportedModelError, match="not a UNet"):
+        fit_cache_correction(build_pipeline("dit"), [1], "uniform:interval=2", num_inference_steps=4,
+                             progress=False)
