@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ _OBSERVER_HOOK = "diffcache.quant-observer"
 _SAMPLES_PER_CALL = 4096  # input elements kept per call for percentile ranges (fixed stride)
 
 
+def temporal_modules(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the timestep MLPs (diffusers' ``TimestepEmbedding``), whose output depends on t only."""
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    return [(name, module) for name, module in denoiser.named_modules() if isinstance(module, TimestepEmbedding)]
+
+
 def quantizable_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` of every plain ``nn.Linear`` / ``nn.Conv2d`` not matched by ``config.skip``."""
     return [(name, module) for name, module in denoiser.named_modules()
@@ -49,7 +56,8 @@ def quantizable_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[t
 class QuantCalibration:
     """Input ranges of the quantized layers: ``ranges[layer, step] = (low, high)``.
 
-    With ``config.per_step=False`` every step holds the range over all steps.
+    With ``config.per_step=False`` every step holds the range over all steps. ``temporal`` maps each timestep
+    MLP's name to its full-precision ``(inputs, outputs)`` rows seen at calibration (``config.temporal_lookup``).
     """
 
     config: QuantConfig
@@ -57,6 +65,7 @@ class QuantCalibration:
     layers: list[str]
     ranges: np.ndarray
     data_key: str = ""
+    temporal: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -78,9 +87,11 @@ class QuantCalibration:
     def save(self, path: str | os.PathLike) -> None:
         """One ``.npz`` (ranges plus JSON header), written atomically."""
         header = {"format": _FORMAT, "config": self.config.to_dict(), "model": self.model, "layers": self.layers,
-                  "data_key": self.data_key}
+                  "data_key": self.data_key, "temporal": list(self.temporal)}
+        tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
+                  for j, kind in enumerate(("tin", "tout"))}
         buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(header)), ranges=self.ranges)
+        np.savez(buffer, header=np.array(json.dumps(header)), ranges=self.ranges, **tables)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, buffer.getvalue())
 
@@ -93,8 +104,9 @@ class QuantCalibration:
                 if header.get("format") != _FORMAT:
                     raise ValueError(f"format {header.get('format')!r}")
                 config = header["config"] | {"skip": tuple(header["config"]["skip"])}
+                temporal = {name: (data[f"tin_{i}"], data[f"tout_{i}"]) for i, name in enumerate(header["temporal"])}
                 return cls(QuantConfig(**config), header["model"], header["layers"], data["ranges"],
-                           header["data_key"])
+                           header["data_key"], temporal)
         except FileNotFoundError:
             raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
                              "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
@@ -118,6 +130,21 @@ class _Observer(ModelHook):
         flat = x.flatten()
         entry[2].append(flat[:: max(1, flat.numel() // _SAMPLES_PER_CALL)].clone())
         return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class _TemporalRecorder(ModelHook):
+    """Records a timestep MLP's distinct input rows and their full-precision outputs."""
+
+    def __init__(self, table: dict[bytes, tuple[np.ndarray, np.ndarray]]) -> None:
+        super().__init__()
+        self.table = table
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0] if args else kwargs["sample"]
+        for row, out in zip(x.detach().float().cpu().numpy(), output.detach().float().cpu().numpy()):
+            self.table.setdefault(row.tobytes(), (row, out))
+        return output
 
 
 def calibrate(
@@ -151,21 +178,27 @@ def calibrate(
         raise QuantError(f"{type(denoiser).__name__} has no nn.Linear / nn.Conv2d layers to quantize "
                          f"(skip={config.skip})")
     records: list[dict[int, list]] = [{} for _ in layers]
+    times = temporal_modules(denoiser) if config.temporal_lookup else []
+    tables: list[dict[bytes, tuple[np.ndarray, np.ndarray]]] = [{} for _ in times]
     with suspended(denoiser):
         clock = Executor(adapter, lambda _n: plan, pipe.scheduler, pipe)
         attach(denoiser, clock, plan.granularity)
-        for (_, module), record in zip(layers, records):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Observer(clock, record), _OBSERVER_HOOK)
+        observed = [(module, _Observer(clock, record)) for (_, module), record in zip(layers, records)]
+        observed += [(module, _TemporalRecorder(table)) for (_, module), table in zip(times, tables)]
+        for module, hook in observed:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _OBSERVER_HOOK)
         try:
             for kwargs in tqdm(data.batches(pipe), desc="quant calibration", disable=not progress):
                 pipe(**kwargs)
         finally:
-            for _, module in layers:
+            for module, _ in observed:
                 module._diffusers_hook.remove_hook(_OBSERVER_HOOK, recurse=False)
             detach(denoiser)
     ranges = np.stack([_ranges(record, steps, config) for record in records]).astype(np.float32)
     logger.info("diffcache: quantization calibration of %d layers over %d steps", len(layers), steps)
-    return QuantCalibration(config, adapter.model_info, [name for name, _ in layers], ranges, data.key())
+    temporal = {name: (np.stack([i for i, _ in table.values()]), np.stack([o for _, o in table.values()]))
+                for (name, _), table in zip(times, tables)}
+    return QuantCalibration(config, adapter.model_info, [name for name, _ in layers], ranges, data.key(), temporal)
 
 
 def _plan(schedule: Schedule | str | None, adapter: Adapter, steps: int) -> Schedule:
@@ -202,4 +235,4 @@ def _range(low: float, high: float, values: torch.Tensor, config: QuantConfig) -
     return tuple(torch.quantile(values, q).tolist())
 
 
-__all__ = ["QuantCalibration", "calibrate", "quantizable_layers"]
+__all__ = ["QuantCalibration", "calibrate", "quantizable_layers", "temporal_modules"]

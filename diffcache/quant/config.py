@@ -32,6 +32,9 @@ class QuantConfig:
             (percentile 99.9: 11-16 dB PSNR, against 33-38 dB for min-max), so min-max is the default.
         per_step: one activation range per step (``True``) or one shared by all steps.
         skip: module-name substrings left in floating point (e.g. ``("proj_out",)``).
+        temporal_lookup: serve every ``TimestepEmbedding`` (the timestep MLP: a function of ``t`` alone) from a
+            table of its full-precision outputs recorded at calibration, keyed by its exact input (TFMQ-DM's
+            temporal-feature cache): the time path then costs nothing and carries no quantization error.
     """
 
     weight_bits: int = 8
@@ -41,6 +44,7 @@ class QuantConfig:
     percentile: float = 99.99
     per_step: bool = True
     skip: tuple[str, ...] = ()
+    temporal_lookup: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:

@@ -122,3 +122,28 @@ def test_bad_quant_input(dit, calibrations, tmp_path):
     with diffcache.accelerated(dit, "none", quant=per_step):
         with pytest.raises(AccelerationStateError, match="calibrated for 10 steps"):
             generate(dit, steps=12)
+
+
+def test_temporal_lookup_serves_full_precision_time_features(dit, calibrations):
+    _, per_step = calibrations
+    name = next(iter(per_step.temporal))
+    module = dict(dit.transformer.named_modules())[name]
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    try:
+        generate(dit, labels=[3])
+        with diffcache.accelerated(dit, "none", quant=per_step):
+            generate(dit, labels=[3])
+        without = QuantCalibration(QuantConfig(temporal_lookup=False), per_step.model, per_step.layers,
+                                   per_step.ranges)
+        with diffcache.accelerated(dit, "none", quant=without):
+            generate(dit, labels=[3])
+    finally:
+        handle.remove()
+    calls = len(seen) // 3  # (DiT also calls block 0's embedder for its output layer)
+    full, looked_up, quantized = seen[:calls], seen[calls : 2 * calls], seen[2 * calls :]
+    # Recorded in full precision (at another batch size: BLAS may round the last bit differently) vs quantized:
+    assert max((a - b).abs().max().item() for a, b in zip(full, looked_up)) < 1e-5
+    assert min((a - b).abs().max().item() for a, b in zip(full, quantized)) > 1e-3
+    assert len(per_step.temporal) == len(dit.transformer.transformer_blocks)
+    assert per_step.temporal[name][0].shape[0] == STEPS  # one row per distinct timestep
