@@ -46,7 +46,7 @@ def accelerate(
             blocks, for denoisers no built-in adapter knows.
         quant: also quantize the denoiser's Linear/Conv2d layers: a `diffcache.quant.QuantCalibration` (or the
             path of a saved one) for weights and per-step activations, or the weight-only preset ``"w8"``.
-            Runs in simulation (fake quantization) in this version.
+            8-bit Linear layers run real int8 (oneDNN) on CPU, the rest in simulation; `summary` says which.
         correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
             per-step, per-channel correction of the reused UNet branch feature.
 
@@ -70,13 +70,15 @@ def accelerate(
     executor.correction = correction
     attach(denoiser, executor, granularity)
     if quant is not None:
-        from .quant.simulate import fake_quant_hooks
+        from .quant.hooks import quant_hooks
 
         try:
-            add_hooks(denoiser, fake_quant_hooks(adapter, quant, executor), QUANT_HOOK)
+            hooks, executor.quant_note = quant_hooks(adapter, quant, executor)
+            add_hooks(denoiser, hooks, QUANT_HOOK)
         except Exception:
             detach(denoiser)
             raise
+        logger.info("diffcache: %s", executor.quant_note)
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 
@@ -132,6 +134,7 @@ def summary(pipe: Pipeline) -> CacheSummary:
         cache_bytes=executor.cache_bytes,
         peak_cache_bytes=executor.peak_cache_bytes,
         schedule=plan,
+        quant=executor.quant_note,
     )
 
 

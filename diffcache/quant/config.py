@@ -16,6 +16,7 @@ WEIGHT_BITS = (4, 8)
 ACT_BITS = (8,)
 WEIGHT_RANGES = ("minmax", "mse")
 ACT_RANGES = ("minmax", "percentile")
+BACKENDS = ("auto", "onednn", "fake")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class QuantConfig:
             (percentile 99.9: 11-16 dB PSNR, against 33-38 dB for min-max), so min-max is the default.
         per_step: one activation range per step (``True``) or one shared by all steps.
         skip: module-name substrings left in floating point (e.g. ``("proj_out",)``).
+        backend: ``"auto"`` (real int8 through oneDNN for 8-bit Linear layers where it runs, simulation
+            elsewhere), ``"onednn"`` (require it) or ``"fake"`` (simulate everything: the numbers of the
+            deployed scheme, not its speed).
         temporal_lookup: serve every ``TimestepEmbedding`` (the timestep MLP: a function of ``t`` alone) from a
             table of its full-precision outputs recorded at calibration, keyed by its exact input (TFMQ-DM's
             temporal-feature cache): the time path then costs nothing and carries no quantization error.
@@ -45,6 +49,7 @@ class QuantConfig:
     per_step: bool = True
     skip: tuple[str, ...] = ()
     temporal_lookup: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:
@@ -55,6 +60,8 @@ class QuantConfig:
             raise QuantError(f"weight_range must be one of {WEIGHT_RANGES}, got {self.weight_range!r}")
         if self.act_range not in ACT_RANGES:
             raise QuantError(f"act_range must be one of {ACT_RANGES}, got {self.act_range!r}")
+        if self.backend not in BACKENDS:
+            raise QuantError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 50 < self.percentile <= 100:
             raise QuantError(f"percentile must be in (50, 100], got {self.percentile!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

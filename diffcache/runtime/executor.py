@@ -73,6 +73,7 @@ class Executor:
         self.written: list[Any] = []
         # Optional CacheQuant correction of reused UNet branch features, and this call's (alpha, beta):
         self.correction: Any | None = None
+        self.quant_note: str | None = None  # what the quantization hooks run, for `summary`
         self.fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------- generation

@@ -20,6 +20,7 @@ class CacheSummary:
             when a cache read found nothing, e.g. after a batch-size change).
         cache_bytes, peak_cache_bytes: bytes of cached tensors held now / at most since `accelerate`.
         schedule: the plan of the last generation (resampled to its step count).
+        quant: which layers run quantized and how (real int8 or simulated), if quantized.
     """
 
     method: str
@@ -35,6 +36,7 @@ class CacheSummary:
     cache_bytes: int
     peak_cache_bytes: int
     schedule: Schedule
+    quant: str | None = None
 
     @property
     def cache_usage_ratio(self) -> float:
@@ -53,6 +55,8 @@ class CacheSummary:
             f"cache usage: planned {self.planned_cache_usage_ratio:.1%}, actual {self.cache_usage_ratio:.1%}; "
             f"cache memory now {_mib(self.cache_bytes)}, peak {_mib(self.peak_cache_bytes)}",
         ]
+        if self.quant:
+            lines.append(f"quantization: {self.quant}")
         width = max(len(u) for u in self.units)
         lines.append(f"{'unit':<{width}}  computed  reused  per step (C computed, r reused, . partly, - not run)")
         for u, unit in enumerate(self.units):

@@ -8,6 +8,7 @@ import torch
 
 import diffcache
 from diffcache.errors import AccelerationStateError, QuantError
+from diffcache.kernels import OneDNNLinear, onednn_available
 from diffcache.models import GUIDANCE_SCALE, load_pipeline
 from diffcache.quant import QuantCalibration, QuantConfig, calibrate
 from diffcache.quant.quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
@@ -147,3 +148,37 @@ def test_temporal_lookup_serves_full_precision_time_features(dit, calibrations):
     assert min((a - b).abs().max().item() for a, b in zip(full, quantized)) > 1e-3
     assert len(per_step.temporal) == len(dit.transformer.transformer_blocks)
     assert per_step.temporal[name][0].shape[0] == STEPS  # one row per distinct timestep
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 linear")
+def test_onednn_int8_linear_matches_the_simulation():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64) * 2
+    w_scale = weight_scales(linear.weight, 8, "mse")
+    x_scale, x_zero = act_params(x.min(), x.max())
+    kernel = OneDNNLinear(linear.weight, w_scale, linear.bias)
+    simulated = torch.nn.functional.linear(fake_quant_act(x, x_scale, x_zero),
+                                           fake_quant_weight(linear.weight, w_scale, 8), linear.bias)
+    real = kernel(x, x_scale, x_zero)
+    assert real.shape == simulated.shape
+    assert (real - simulated).abs().max() < 1e-5 * simulated.abs().max()  # same integers, float rounding only
+    assert kernel.nbytes < linear.weight.numel() * 4 / 3  # int8 weights plus per-channel scales
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 linear")
+def test_real_int8_and_simulation_agree_end_to_end(dit, calibrations):
+    _, per_step = calibrations
+    outputs = {}
+    for backend in ("fake", "onednn"):
+        calibration = QuantCalibration(QuantConfig(backend=backend), per_step.model, per_step.layers,
+                                       per_step.ranges, temporal=per_step.temporal)
+        with diffcache.accelerated(dit, "uniform:interval=2", quant=calibration):
+            outputs[backend] = generate(dit)
+            note = diffcache.summary(dit).quant
+        assert ("0 layers int8" in note) == (backend == "fake") and "simulated" in note
+    # Layer by layer they agree to float rounding; over 10 steps a rounding flip at a .5 boundary now and then moves
+    # the images about as much as quantization itself, so the two are equally close to the float model.
+    full = generate(dit)
+    assert psnr(outputs["onednn"], outputs["fake"]) > 38
+    assert abs(psnr(outputs["onednn"], full) - psnr(outputs["fake"], full)) < 1.5

@@ -1,6 +1,9 @@
-"""Fake-quantized execution (simulation): each quantized layer's hook rounds its input with the current step's
-activation range and runs the layer with weights rounded once, in floating point. The numbers are exactly those
-of the deployed int8 scheme; the speed is not (it is slower than float), and every report says so."""
+"""Quantized execution: each quantized layer's hook runs it with the current step's activation range.
+
+Two backends with the same numbers: ``onednn`` runs Linear layers as real int8 GEMMs (`diffcache.kernels`), and
+``fake`` simulates (rounds the input, runs the layer with weights rounded once, in floating point: slower than
+float, and reported as simulation). Conv2d layers and weight-only configs are simulated in this version.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from ..adapters import Adapter
 from ..errors import AccelerationStateError, QuantError
+from ..kernels import OneDNNLinear, onednn_available
 from ..runtime import Executor
 from .calibration import QuantCalibration, quantizable_layers, temporal_modules
 from .config import QuantConfig
@@ -21,13 +25,15 @@ from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_sc
 logger = logging.getLogger(__name__)
 
 
-class FakeQuantHook(ModelHook):
-    """Replaces a Linear/Conv2d forward with its fake-quantized version at the executor's current step."""
+class QuantLayerHook(ModelHook):
+    """Replaces a Linear/Conv2d forward with its quantized version at the executor's current step: a real int8
+    ``kernel`` when given, else the fake-quantized ``weight``."""
 
-    def __init__(self, clock: Executor, weight: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
-                 name: str) -> None:
+    def __init__(self, clock: Executor, weight: torch.Tensor | None, scale: torch.Tensor | None,
+                 zero: torch.Tensor | None, name: str, kernel: OneDNNLinear | None = None) -> None:
         super().__init__()
         self.clock, self.weight, self.scale, self.zero, self.name = clock, weight, scale, zero, name
+        self.kernel = kernel
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["input"]
@@ -39,6 +45,8 @@ class FakeQuantHook(ModelHook):
                     f"{self.name}: activation ranges were calibrated for {steps} steps, but this generation runs "
                     f"{planned} (step {step}); calibrate the quantization for this num_inference_steps"
                 )
+            if self.kernel is not None:
+                return self.kernel(x, self.scale[step], self.zero[step])
             x = fake_quant_act(x, self.scale[step], self.zero[step])
         if isinstance(module, torch.nn.Linear):
             return F.linear(x, self.weight, module.bias)
@@ -73,9 +81,10 @@ class TemporalLookupHook(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-def fake_quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: Executor
-                     ) -> list[tuple[torch.nn.Module, FakeQuantHook]]:
-    """One hook per quantized layer. A config without a calibration only works weight-only."""
+def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: Executor
+                ) -> tuple[list[tuple[torch.nn.Module, ModelHook]], str]:
+    """One hook per quantized layer (plus the temporal lookups), and a line saying what runs how. A config
+    without a calibration only works weight-only."""
     if isinstance(quant, QuantCalibration):
         quant.check(adapter)
         config = quant.config
@@ -87,22 +96,42 @@ def fake_quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, cl
                 "diffcache.quant.calibrate(pipe, prompts, config) (or `diffcache quantize`) and pass the result, or "
                 "use the weight-only preset 'w8'"
             )
-    hooks = []
+    hooks: list[tuple[torch.nn.Module, ModelHook]] = []
+    real = simulated = 0
     for index, (name, module) in enumerate(quantizable_layers(adapter.denoiser, config)):
         with torch.no_grad():
-            weight = fake_quant_weight(module.weight, weight_scales(module.weight, config.weight_bits,
-                                                                    config.weight_range), config.weight_bits)
-        scale = zero = None
-        if config.act_bits is not None:
-            ranges = torch.as_tensor(quant.ranges[index], dtype=module.weight.dtype, device=module.weight.device)
-            scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
-        hooks.append((module, FakeQuantHook(clock, weight, scale, zero, name)))
+            scales = weight_scales(module.weight, config.weight_bits, config.weight_range)
+            scale = zero = kernel = weight = None
+            if config.act_bits is not None:
+                ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
+                scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
+            if scale is not None and _use_onednn(config, module):
+                kernel = OneDNNLinear(module.weight, scales, module.bias, config.weight_bits)
+                real += 1
+            else:
+                weight = fake_quant_weight(module.weight, scales, config.weight_bits)
+                simulated += 1
+        hooks.append((module, QuantLayerHook(clock, weight, scale, zero, name, kernel)))
     if isinstance(quant, QuantCalibration) and config.temporal_lookup:
         modules = dict(temporal_modules(adapter.denoiser))
         for name, (inputs, outputs) in quant.temporal.items():
             parameter = next(modules[name].parameters())
             hooks.append((modules[name], TemporalLookupHook(inputs, outputs, name, parameter.dtype, parameter.device)))
-    return hooks
+    lookups = len(hooks) - real - simulated
+    note = (f"{config.name}: {real} layers int8 (oneDNN), {simulated} simulated (fake quantization)"
+            + (f", {lookups} timestep MLPs from a full-precision table" if lookups else ""))
+    return hooks, note
 
 
-__all__ = ["FakeQuantHook", "fake_quant_hooks"]
+def _use_onednn(config: QuantConfig, module: torch.nn.Module) -> bool:
+    """Real int8 for 8-bit Linear layers on CPU float32 when oneDNN is there (``backend`` permitting)."""
+    possible = (isinstance(module, torch.nn.Linear) and config.weight_bits == 8 and onednn_available()
+                and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32)
+    if config.backend == "onednn" and isinstance(module, torch.nn.Linear) and not possible:
+        raise QuantError(f"backend 'onednn' runs 8-bit float32 Linear layers on CPU with oneDNN; this one is "
+                         f"{config.weight_bits}-bit {module.weight.dtype} on {module.weight.device}. Use backend='auto'"
+                         " or 'fake'")
+    return possible and config.backend != "fake"
+
+
+__all__ = ["QuantLayerHook", "TemporalLookupHook", "quant_hooks"]
