@@ -67,18 +67,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .loading import parse_conditions, read_prompt_file
     from .quant import calibrate
 
-    try:
-        lines = read_prompt_file(args.prompts)
-    except (FileNotFoundError, ValueError) as err:
-        args.parser.error(str(err))
-    pipe = _load(args)
-    try:
-        conditions = parse_conditions(pipe, lines)[: args.limit]
-    except ValueError as err:
-        args.parser.error(str(err))
+    pipe, conditions = _pipeline_and_conditions(args)
     calibration = calibrate(pipe, conditions, args.config, schedule=args.schedule, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
                             progress=not args.quiet)
@@ -92,21 +83,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .eval.runner import EvalConfig, evaluate
-    from .loading import BUILTIN_PREFIX, parse_conditions, read_prompt_file
+    from .loading import BUILTIN_PREFIX
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    try:
-        lines = read_prompt_file(args.prompts)
-    except (FileNotFoundError, ValueError) as err:
-        args.parser.error(str(err))
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         args.parser.error(f"unknown metrics {unknown}; choose from {', '.join(METRIC_NAMES)}")
-    pipe = _load(args)
-    try:
-        conditions = parse_conditions(pipe, lines)[: args.limit]
-    except ValueError as err:
-        args.parser.error(str(err))
+    pipe, conditions = _pipeline_and_conditions(args)
     digits = args.pipeline.startswith(BUILTIN_PREFIX)
     config = EvalConfig(
         schedules=args.schedule, conditions=conditions, metrics=metrics, out=args.out,
@@ -122,20 +105,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import time
 
-    from .loading import parse_conditions, read_prompt_file
     from .schedules.budget import Budget
     from .schedules.search import search
 
     try:
-        lines = read_prompt_file(args.prompts)
         budget = Budget.parse(args.budget)
-    except (FileNotFoundError, ValueError) as err:
-        args.parser.error(str(err))
-    pipe = _load(args)
-    try:
-        conditions = parse_conditions(pipe, lines)[: args.limit]
     except ValueError as err:
         args.parser.error(str(err))
+    pipe, conditions = _pipeline_and_conditions(args)
     options = _options(args)
     out = Path(args.out)
     start = time.perf_counter()
@@ -152,6 +129,21 @@ def _search(args: argparse.Namespace) -> int:
           f"(budget {budget}), cache usage {schedule.cache_usage_ratio:.1%}, {time.perf_counter() - start:.0f} s")
     print(f"wrote {out}; run it with: diffcache run --pipeline {args.pipeline} --schedule {out} ...")
     return 0
+
+
+def _pipeline_and_conditions(args: argparse.Namespace) -> tuple[Any, list[str | int]]:
+    """The pipeline and the first ``--limit`` prompts / class ids of ``--prompts`` (usage errors exit 2)."""
+    from .loading import parse_conditions, read_prompt_file
+
+    try:
+        lines = read_prompt_file(args.prompts)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(str(err))
+    pipe = _load(args)
+    try:
+        return pipe, parse_conditions(pipe, lines)[: args.limit]
+    except ValueError as err:
+        args.parser.error(str(err))
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,9 +1,14 @@
-"""Writing files so that an interrupted run never leaves a half-written one behind."""
+"""Writing files so that an interrupted run never leaves a half-written one behind, and the ``.npz`` format
+(JSON header plus arrays) that calibrations use."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -15,3 +20,31 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     else:
         tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def save_npz(path: str | os.PathLike, fmt: str, header: dict, arrays: dict[str, np.ndarray]) -> None:
+    """One ``.npz``: a JSON ``header`` tagged with ``fmt`` plus ``arrays``, written atomically (folders made)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, header=np.array(json.dumps({"format": fmt, **header})), **arrays)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_npz(path: str | os.PathLike, fmt: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(header, arrays)`` of a `save_npz` file of format ``fmt``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: the file is unreadable or of another format.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            arrays = {name: data[name] for name in data.files if name != "header"}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(str(err)) from None
+    if header.get("format") != fmt:
+        raise ValueError(f"format {header.get('format')!r}, expected {fmt!r}")
+    return header, arrays

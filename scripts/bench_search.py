@@ -21,13 +21,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from digits_bench import held_out, run_models  # scripts/digits_bench.py
 
 import diffcache
 from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache
 from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.metrics import accuracy, fid
-from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifier, load_pipeline, real_digits
+from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 
 PRESETS = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
@@ -65,12 +65,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=10, help="ECAD generations (default 10)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
     parser.add_argument("--work", default="bench-search", help="folder for calibrations/checkpoints (resumable)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    classifier = load_classifier()
-    real, _ = real_digits("test")
-    for name in args.models:
-        print(bench_model(name, args, classifier, real), flush=True)
+    run_models(parser.parse_args(), bench_model)
 
 
 def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
@@ -85,11 +80,11 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
         title = f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
         try:
             with diffusers_cache(pipe, baseline, **params):
-                pipe(**call(labels[:2], 2))
+                pipe(**held_out(labels[:2], 2))
             baselines[title] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
         except BaselineUnavailable as err:
             notes.append(f"- {title}: not applicable ({err})")
-    pilot = compare_methods(pipe, lambda: call(labels[: len(labels) // 5], NUM_INFERENCE_STEPS), [], 1,
+    pilot = compare_methods(pipe, lambda: held_out(labels[: len(labels) // 5], NUM_INFERENCE_STEPS), [], 1,
                             progress=False, others=baselines)
     matched = sorted({f"latency:{r.speedup:.2f}x" for r in pilot if r.method in baselines and r.speedup > 1})
     for method, forecast, extra in SEARCHES[name]:
@@ -103,7 +98,7 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
             )
             search_cost[label(schedule)] = time.perf_counter() - start
             methods.append(schedule)
-    rows = compare_methods(pipe, lambda: call(labels, NUM_INFERENCE_STEPS), methods, args.repeats, progress=False,
+    rows = compare_methods(pipe, lambda: held_out(labels, NUM_INFERENCE_STEPS), methods, args.repeats, progress=False,
                            others=baselines)
     lines = [
         f"**{name}** ({len(labels)} held-out images per method, seed 1000, {NUM_INFERENCE_STEPS} DDIM steps, "
@@ -139,11 +134,6 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
 
 def _quality(score: tuple[float, float], psnr_db: float) -> str:
     return f"{score[0]:.2f} / {score[1]:.0%} / {psnr_db:.1f} dB"
-
-
-def call(labels: list[int], steps: int) -> dict:
-    return {"class_labels": labels, "num_inference_steps": steps, "guidance_scale": GUIDANCE_SCALE,
-            "output_type": "np", "generator": torch.Generator("cpu").manual_seed(1000)}
 
 
 if __name__ == "__main__":

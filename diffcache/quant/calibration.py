@@ -9,13 +9,10 @@ calibration plus the same weights reproduce the quantized model exactly.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter, denoiser_of, resolve_adapter
 from ..errors import QuantError
-from ..files import write_atomic
+from ..files import load_npz, save_npz
 from ..runtime import Executor, attach, detach, suspended
 from ..schedule import Schedule
 from ..schedules.calibrate import CalibrationData, conditions_from
@@ -85,32 +82,25 @@ class QuantCalibration:
                              "calibrate again")
 
     def save(self, path: str | os.PathLike) -> None:
-        """One ``.npz`` (ranges plus JSON header), written atomically."""
-        header = {"format": _FORMAT, "config": self.config.to_dict(), "model": self.model, "layers": self.layers,
+        """One ``.npz`` (ranges, temporal tables, JSON header), written atomically."""
+        header = {"config": self.config.to_dict(), "model": self.model, "layers": self.layers,
                   "data_key": self.data_key, "temporal": list(self.temporal)}
         tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
                   for j, kind in enumerate(("tin", "tout"))}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(header)), ranges=self.ranges, **tables)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
+        save_npz(path, _FORMAT, header, {"ranges": self.ranges, **tables})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantCalibration:
         """Inverse of :meth:`save`; raises `QuantError` for anything else."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                if header.get("format") != _FORMAT:
-                    raise ValueError(f"format {header.get('format')!r}")
-                config = header["config"] | {"skip": tuple(header["config"]["skip"])}
-                temporal = {name: (data[f"tin_{i}"], data[f"tout_{i}"]) for i, name in enumerate(header["temporal"])}
-                return cls(QuantConfig(**config), header["model"], header["layers"], data["ranges"],
-                           header["data_key"], temporal)
+            header, data = load_npz(path, _FORMAT)
+            config = QuantConfig(**(header["config"] | {"skip": tuple(header["config"]["skip"])}))
+            temporal = {name: (data[f"tin_{i}"], data[f"tout_{i}"]) for i, name in enumerate(header["temporal"])}
+            return cls(config, header["model"], header["layers"], data["ranges"], header["data_key"], temporal)
         except FileNotFoundError:
             raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
                              "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache quantization calibration ({err})") \
                 from None
 

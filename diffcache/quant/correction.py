@@ -9,12 +9,9 @@ holds) against ``Y = F_b(k)`` (what the step should have seen). It costs one mul
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter, denoiser_of, resolve_adapter
 from ..errors import QuantError, UnsupportedModelError
-from ..files import write_atomic
+from ..files import load_npz, save_npz
 from ..runtime import Executor, attach, detach, suspended
 from ..schedule import Schedule
 from ..schedules.calibrate import CalibrationData, conditions_from
@@ -66,27 +63,20 @@ class CacheCorrection:
                 torch.as_tensor(self.beta[step], dtype=like.dtype, device=like.device).view(shape))
 
     def save(self, path: str | os.PathLike) -> None:
-        header = {"format": _FORMAT, "model": self.model, "plan": self.plan,
-                  "steps": [a is not None for a in self.alpha]}
+        header = {"model": self.model, "plan": self.plan, "steps": [a is not None for a in self.alpha]}
         arrays = {f"{name}_{k}": value for name, values in (("alpha", self.alpha), ("beta", self.beta))
                   for k, value in enumerate(values) if value is not None}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(header)), **arrays)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
+        save_npz(path, _FORMAT, header, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CacheCorrection:
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                if header.get("format") != _FORMAT:
-                    raise ValueError(f"format {header.get('format')!r}")
-                steps = header["steps"]
-                alpha = [data[f"alpha_{k}"] if used else None for k, used in enumerate(steps)]
-                beta = [data[f"beta_{k}"] if used else None for k, used in enumerate(steps)]
-                return cls(header["model"], header["plan"], alpha, beta)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            header, data = load_npz(path, _FORMAT)
+            used = header["steps"]
+            alpha = [data[f"alpha_{k}"] if u else None for k, u in enumerate(used)]
+            beta = [data[f"beta_{k}"] if u else None for k, u in enumerate(used)]
+            return cls(header["model"], header["plan"], alpha, beta)
+        except (OSError, ValueError, KeyError) as err:
             raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache cache correction ({err})") from None
 
 

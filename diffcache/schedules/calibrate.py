@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
 from ..errors import SearchError
 from ..eval.cost import cache_root
-from ..files import write_atomic
+from ..files import load_npz, save_npz
 from ..runtime import Executor, attach, detach, planned, suspended
 from ..schedule import Schedule
 
@@ -149,30 +148,21 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a single ``.npz`` (arrays plus JSON metadata), atomically."""
-        meta = {"format": _FORMAT, "units": self.units, "components": self.components, "family": self.family,
-                "model": self.model, "data_key": self.data_key, "meta": self.meta}
+        header = {"units": self.units, "components": self.components, "family": self.family, "model": self.model,
+                  "data_key": self.data_key, "meta": self.meta}
         extra = {} if self.step_error is None else {"step_error": self.step_error}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(meta)), present=self.present, scale=self.scale,
-                 **{f"d_{m}": d for m, d in self.distances.items()}, **extra)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
+        save_npz(path, _FORMAT, header, {"present": self.present, "scale": self.scale,
+                                         **{f"d_{m}": d for m, d in self.distances.items()}, **extra})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
         """Inverse of :meth:`save`. Raises `SearchError` for a file that is not a diffcache calibration."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["header"]))
-                if meta.get("format") != _FORMAT:
-                    raise ValueError(f"format {meta.get('format')!r}")
-                distances = {m: data[f"d_{m}"] for m in METRICS}
-                step_error = data["step_error"] if "step_error" in data.files else None
-                return cls(meta["units"], meta["components"], data["present"], meta["family"], meta["model"],
-                           meta["data_key"], distances, data["scale"], step_error, meta["meta"])
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            meta, data = load_npz(path, _FORMAT)
+            distances = {m: data[f"d_{m}"] for m in METRICS}
+            return cls(meta["units"], meta["components"], data["present"], meta["family"], meta["model"],
+                       meta["data_key"], distances, data["scale"], data.get("step_error"), meta["meta"])
+        except (ValueError, KeyError) as err:
             raise SearchError(f"{os.fspath(path)!r} is not a readable diffcache calibration ({err}); "
                               "delete it and calibrate again") from None
 
