@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
-from .errors import DiffcacheError, QuantError, UnsupportedModelError
-from .quant import PRESETS, CacheCorrection, QuantCalibration, QuantConfig
+from .errors import DiffcacheError, UnsupportedModelError
+from .quant import CacheCorrection, QuantCalibration, QuantConfig, resolve_quant
 from .runtime import QUANT_HOOK, CacheSummary, Executor, add_hooks, attach, detach, find_attachment, suspended
 from .schedule import Schedule
 from .schedules.presets import build_from_tag
@@ -60,7 +60,7 @@ def accelerate(
     denoiser, scheduler = _parts(pipe)
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
-    quant = _quant_source(quant)
+    quant = resolve_quant(quant)
     if correction is not None and not isinstance(correction, CacheCorrection):
         correction = CacheCorrection.load(correction)
     if correction is not None:
@@ -175,17 +175,6 @@ def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[in
         return plans[num_steps]
 
     return plan_for, first.granularity
-
-
-def _quant_source(quant: Any) -> QuantConfig | QuantCalibration | None:
-    if quant is None or isinstance(quant, (QuantConfig, QuantCalibration)):
-        return quant
-    if isinstance(quant, str) and quant.lower() in PRESETS:
-        return PRESETS[quant.lower()]
-    if isinstance(quant, (str, os.PathLike)):
-        return QuantCalibration.load(quant)
-    raise QuantError(f"quant must be a QuantConfig, a QuantCalibration, a preset name or a calibration path, "
-                     f"got {type(quant).__name__}")
 
 
 def _is_path(text: str) -> bool:

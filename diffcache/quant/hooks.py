@@ -81,7 +81,7 @@ class TemporalLookupHook(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: Executor
+def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: Executor | None
                 ) -> tuple[list[tuple[torch.nn.Module, ModelHook]], str]:
     """One hook per quantized layer (plus the temporal lookups), and a line saying what runs how. A config
     without a calibration only works weight-only."""

@@ -1,6 +1,6 @@
 """The executor: hooks, per-generation state, step counter and cache store (ARCHITECTURE section 3)."""
 
-from .attach import QUANT_HOOK, add_hooks, attach, detach, find_attachment, planned, suspended
+from .attach import QUANT_HOOK, add_hooks, attach, bind, detach, find_attachment, planned, suspended
 from .executor import Executor
 from .manual import Generation, generation
 from .stats import CacheSummary
@@ -12,6 +12,7 @@ __all__ = [
     "Generation",
     "add_hooks",
     "attach",
+    "bind",
     "detach",
     "find_attachment",
     "generation",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,13 +129,24 @@ def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def planned(pipe: Any, adapter: Adapter, schedule: Schedule) -> Iterator[None]:
+def planned(pipe: Any, adapter: Adapter, schedule: Schedule, extra: Sequence[tuple[torch.nn.Module, Any]] = ()
+            ) -> Iterator[None]:
     """Run ``pipe`` with ``schedule`` at its own step count inside the block: for search loops that try many
-    schedules, without `diffcache.accelerate`'s validation and logging."""
+    schedules, without `diffcache.accelerate`'s validation and logging. ``extra`` hooks (e.g. quantized layers,
+    built once) are bound to the new executor and attached too."""
     with suspended(adapter.denoiser):
-        attach(adapter.denoiser, Executor(adapter, lambda _steps: schedule, pipe.scheduler, pipe),
-               schedule.granularity)
+        executor = Executor(adapter, lambda _steps: schedule, pipe.scheduler, pipe)
+        attach(adapter.denoiser, executor, schedule.granularity)
+        add_hooks(adapter.denoiser, bind(extra, executor), QUANT_HOOK)
         yield
+
+
+def bind(hooks: Sequence[tuple[torch.nn.Module, Any]], executor: Executor) -> list[tuple[torch.nn.Module, Any]]:
+    """Point hooks that follow an executor's step (those with a ``clock``) at ``executor``."""
+    for _, hook in hooks:
+        if hasattr(hook, "clock"):
+            hook.clock = executor
+    return list(hooks)
 
 
 def _steps_from(scheduler: Any, timestep: Any) -> int | None:

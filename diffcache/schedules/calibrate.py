@@ -34,7 +34,7 @@ from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
 from ..errors import SearchError
 from ..eval.cost import cache_root
 from ..files import load_npz, save_npz
-from ..runtime import Executor, attach, detach, planned, suspended
+from ..runtime import QUANT_HOOK, Executor, add_hooks, attach, bind, detach, planned, suspended
 from ..schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ def calibrate(
     max_elements: int = 4096,
     sensitivity: bool = True,
     progress: bool = True,
+    extra: Sequence[tuple[torch.nn.Module, Any]] = (),
+    extra_key: str = "",
 ) -> Calibration:
     """Record feature drift of ``pipe``'s denoiser (full model, no caching) on ``data``.
 
@@ -223,6 +225,8 @@ def calibrate(
         max_elements: per sample, distances are estimated on at most this many feature elements (fixed stride).
         sensitivity: also measure each step's effect on the output (``steps - 1`` extra generations of the first
             batch); the DP methods then weight feature errors by it.
+        extra, extra_key: hooks that run with the model (quantized layers: features of the quantized model) and
+            a name for them in the cache key.
 
     The pipeline must call its denoiser once per CFG branch per step (as diffusers pipelines do); a pipeline
     that is accelerated is run without its cache for the calibration and left accelerated.
@@ -230,7 +234,8 @@ def calibrate(
     denoiser = denoiser_of(pipe)
     adapter = resolve_adapter(denoiser)
     adapter.layout(granularity)  # raises for a granularity the model does not have
-    key = json.dumps([adapter.model_info, data.key(), granularity, max_elements, data.steps(pipe), sensitivity])
+    key = json.dumps([adapter.model_info, data.key(), granularity, max_elements, data.steps(pipe), sensitivity,
+                      *([extra_key] if extra_key else [])])
     path = Path(cache_dir or cache_root() / "calibration") / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
     if path.exists():
         try:
@@ -241,14 +246,16 @@ def calibrate(
             logger.warning("%s; recalibrating", err)
 
     with suspended(denoiser):
-        return _record(pipe, adapter, data, granularity, max_elements, sensitivity, path, progress)
+        return _record(pipe, adapter, data, granularity, max_elements, sensitivity, path, progress, extra)
 
 
 def _record(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str, max_elements: int,
-            sensitivity: bool, path: Path, progress: bool) -> Calibration:
+            sensitivity: bool, path: Path, progress: bool, extra: Sequence[tuple[torch.nn.Module, Any]]
+            ) -> Calibration:
     denoiser = adapter.denoiser
     recorder = _Recorder(adapter, granularity, pipe, max_elements)
     attach(denoiser, recorder, granularity)
+    add_hooks(denoiser, bind(extra, recorder), QUANT_HOOK)
     shape = recorder.present.shape
     totals = {m: None for m in METRICS}
     scale = np.zeros(shape)
@@ -271,7 +278,8 @@ def _record(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str
         detach(denoiser)
     step_error = None
     if sensitivity:
-        step_error = _step_errors(pipe, adapter, recorder, data.batches(pipe)[0], reference, num_steps, progress)
+        step_error = _step_errors(pipe, adapter, recorder, data.batches(pipe)[0], reference, num_steps, progress,
+                                  extra)
     layout = recorder.layout
     calibration = Calibration(
         layout.units, layout.components, recorder.present, adapter.family, adapter.model_info, data.key(),
@@ -286,13 +294,13 @@ def _record(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str
 
 
 def _step_errors(pipe: Any, adapter: Adapter, recorder: _Recorder, kwargs: dict[str, Any], reference: np.ndarray,
-                 num_steps: int, progress: bool) -> np.ndarray:
+                 num_steps: int, progress: bool, extra: Sequence[tuple[torch.nn.Module, Any]]) -> np.ndarray:
     """RMS change of the final images when step ``t`` alone reuses every slot, for each ``t >= 1``."""
     layout, errors = recorder.layout, np.zeros(num_steps)
     for step in tqdm(range(1, num_steps), desc="step sensitivity", disable=not progress):
         grid = np.ones((num_steps, *recorder.present.shape), dtype=bool)
         grid[step] = ~recorder.present
-        with planned(pipe, adapter, Schedule(grid, layout.units, layout.components, present=layout.present)):
+        with planned(pipe, adapter, Schedule(grid, layout.units, layout.components, present=layout.present), extra):
             kwargs["generator"].manual_seed(kwargs["generator"].initial_seed())
             images = np.asarray(pipe(**kwargs).images)
         errors[step] = float(np.sqrt(np.mean((images.astype(np.float64) - reference) ** 2)))

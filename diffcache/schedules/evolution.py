@@ -147,6 +147,7 @@ def evolve(
     resume: bool = False,
     key: str = "",
     progress: bool = True,
+    extra: Sequence[tuple[Any, Any]] = (),
 ) -> EvolutionResult:
     """Run NSGA-II; returns the Pareto front of everything evaluated.
 
@@ -156,6 +157,7 @@ def evolve(
             continued (it must come from the same ``key``: model, data and settings); without it an existing
             checkpoint is an error, so a finished search is never overwritten by accident.
         key: identifies the search setting, checked on resume.
+        extra: hooks every candidate runs with (quantized layers); the reference stays the full float model.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -175,7 +177,7 @@ def evolve(
         results = []
         for bits in tqdm(mine, desc="candidates", leave=False, disable=not progress or not state.is_main_process):
             schedule = genome.decode([int(b) for b in bits])
-            with planned(pipe, adapter, schedule):
+            with planned(pipe, adapter, schedule, extra):
                 images = [np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)]
             score = quality(np.concatenate(images), np.concatenate(reference), data.conditions)
             results.append((bits, (float(score), cost_model.fraction(schedule))))

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ def search(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     forecast: int = 0,
+    quant: Any = None,
     progress: bool = True,
     **options: Any,
 ) -> Schedule:
@@ -74,6 +75,8 @@ def search(
         resume: continue an interrupted ECAD run from ``out_dir``.
         forecast: ``1`` makes reuse steps serve a first-order Taylor forecast (see `Schedule`); ECAD then
             judges every candidate with forecasting.
+        quant: search for the quantized model (what ``accelerate(..., quant=)`` takes): calibration features
+            and ECAD candidates come from it, quality is still measured against the float model (dp, bac, ecad).
         options: method settings: ``dp``: ``branch`` (UNet), ``metric``, ``bounded``, ``weighted``; ``bac``:
             ``metric``, ``upstream``, ``weighted``; ``ecad``: `EvolutionConfig` fields; ``router``: `RouterConfig`
             fields.
@@ -89,6 +92,7 @@ def search(
     granularity = granularity or _default_granularity(method, adapter)
     adapter.layout(granularity)
     data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
+    extra, extra_key = _quant_hooks(quant, method, adapter)
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
     bars = getattr(pipe, "_progress_bar_config", None)  # diffusers' per-pipeline tqdm settings, put back after
@@ -97,7 +101,8 @@ def search(
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
-            job = _Job(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, forecast)
+            job = _Job(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, forecast,
+                       extra, extra_key)
             schedule = _METHODS[method](job, options)
     finally:
         if bars is None:
@@ -138,10 +143,13 @@ class _Job:
     resume: bool
     progress: bool
     forecast: int
+    extra: list = field(default_factory=list)  # hooks every run carries (quantized layers)
+    extra_key: str = ""
 
     def calibration(self) -> Calibration:
         cache_dir = self.out / "calibration" if self.out is not None else None
-        return calibrate(self.pipe, self.data, self.granularity, cache_dir=cache_dir, progress=self.progress)
+        return calibrate(self.pipe, self.data, self.granularity, cache_dir=cache_dir, progress=self.progress,
+                         extra=self.extra, extra_key=self.extra_key)
 
 
 def _dp(job: _Job, options: dict[str, Any]) -> Schedule:
@@ -171,9 +179,9 @@ def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     score = job.quality if callable(job.quality) else quality_function(job.quality)
     genome_kind = [("key_steps", branch)] if key_steps else []  # (the full genome's keys predate this option)
     key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
-                getattr(score, "__name__", "custom"), *genome_kind])
+                getattr(score, "__name__", "custom"), *genome_kind, *([job.extra_key] if job.extra_key else [])])
     result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
-                    progress=job.progress, resume=job.resume,
+                    progress=job.progress, resume=job.resume, extra=job.extra,
                     checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)
     if job.out is not None:
         name = job.quality if isinstance(job.quality, str) else "quality"
@@ -201,6 +209,20 @@ def _router(job: _Job, options: dict[str, Any]) -> Schedule:
 _METHODS: dict[str, Callable[[_Job, dict[str, Any]], Schedule]] = {
     "dp": _dp, "bac": _bac, "ecad": _ecad, "router": _router,
 }
+
+
+def _quant_hooks(quant: Any, method: str, adapter: Adapter) -> tuple[list, str]:
+    """Quantized-layer hooks built once for the whole search, and a key naming them (empty without quant)."""
+    if quant is None:
+        return [], ""
+    if method == "router":
+        raise SearchError("a quantization-aware search runs dp, bac or ecad; the router trains its own hooks")
+    from ..quant import QuantCalibration, resolve_quant
+    from ..quant.hooks import quant_hooks
+
+    quant = resolve_quant(quant)
+    hooks, note = quant_hooks(adapter, quant, None)
+    return hooks, note + (f" {quant.data_key}" if isinstance(quant, QuantCalibration) else "")
 
 
 def _config_params(config: EvolutionConfig) -> dict[str, Any]:

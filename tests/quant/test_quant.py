@@ -182,3 +182,19 @@ def test_real_int8_and_simulation_agree_end_to_end(dit, calibrations):
     full = generate(dit)
     assert psnr(outputs["onednn"], outputs["fake"]) > 38
     assert abs(psnr(outputs["onednn"], full) - psnr(outputs["fake"], full)) < 1.5
+
+
+def test_search_for_the_quantized_model(dit, calibrations, tmp_path):
+    _, per_step = calibrations
+    found = {}
+    for name, quant in (("float", None), ("w8a8", per_step)):
+        found[name] = diffcache.search(dit, LABELS[:4], "ecad", "recompute:0.6", num_inference_steps=STEPS,
+                                       guidance_scale=GUIDANCE_SCALE, batch_size=4, quant=quant, progress=False,
+                                       out_dir=tmp_path / name, generations=1, population=8, key_steps=1)
+        assert found[name].recompute_fraction <= 0.6 + 1e-9
+    # The quantized search saw other features and other images: its own calibration, its own ECAD front.
+    float_cal, quant_cal = (next((tmp_path / n / "calibration").glob("*.npz")) for n in ("float", "w8a8"))
+    assert float_cal.name != quant_cal.name
+    assert found["w8a8"].meta["quality"] < found["float"].meta["quality"]
+    with pytest.raises(diffcache.SearchError, match="dp, bac or ecad"):
+        diffcache.search(dit, LABELS[:2], "router", "2x", num_inference_steps=STEPS, quant=per_step, progress=False)
