@@ -95,6 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
         schedules=args.schedule, conditions=conditions, metrics=metrics, out=args.out,
         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         fid_features=args.fid_features or ("digits" if digits else "inception"), clip_model=args.clip_model,
+        quant=args.quant,
     )
     rows = evaluate(pipe, config, progress=not args.quiet)
     if rows:
@@ -287,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="FID feature extractor (default: digits for digits-* pipelines, else inception)")
     evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
                           help="hub id or local directory of the CLIP model for the clip metric")
+    evaluate.add_argument("--quant", default=None,
+                          help="run every schedule quantized: a `diffcache quantize` calibration or the preset w8")
     evaluate.set_defaults(handler=_eval, parser=evaluate)
 
     search = commands.add_parser(

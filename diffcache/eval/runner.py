@@ -45,6 +45,7 @@ class EvalConfig:
 
     Attributes:
         schedules: tags or schedule JSON paths; the full model (``"full"``) is always evaluated first.
+        quant: run every schedule quantized with this calibration path or preset (the full model stays float).
         conditions: prompts (text pipelines) or class ids (class-conditional pipelines), one image each.
         metrics: subset of `metrics.METRIC_NAMES`.
         fid_features: ``"inception"`` or ``"digits"`` (the shipped digit classifier's features; the reference set
@@ -64,6 +65,20 @@ class EvalConfig:
     clip_model: str = "openai/clip-vit-base-patch16"
     reference_dir: Path | None = None
     extra_kwargs: dict[str, Any] = field(default_factory=dict)
+    quant: str | None = None
+
+    def methods(self) -> dict[str, str]:
+        """Method label -> schedule; with ``quant`` every schedule runs quantized and its label says so (so a
+        resumed run never mixes quantized and float images under one name)."""
+        suffix = f" + {Path(self.quant).name}" if self.quant else ""
+        return {FULL: FULL} | {f"{schedule}{suffix}": schedule for schedule in self.schedules}
+
+    def accelerate(self, pipe: Any, method: str) -> None:
+        """Put ``pipe`` in the state of ``method`` (a label of `methods`)."""
+        if method == FULL:
+            restore(pipe)
+        else:
+            accelerate(pipe, self.methods()[method], quant=self.quant)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in M.METRIC_NAMES]
@@ -89,7 +104,7 @@ def evaluate(pipe: Any, config: EvalConfig, progress: bool = True) -> list[dict[
     if "acc" in config.metrics and (config.fid_features != "digits" or not is_class_conditional(pipe)):
         raise MetricUnavailableError("acc needs a class-conditional digits pipeline (digits-dit, digits-unet)")
     pipe.set_progress_bar_config(disable=True)
-    methods = [FULL, *config.schedules]
+    methods = list(config.methods())
     done = {(r["method"], r["index"]) for r in _image_rows(config.out)}
     part = Path(f"{config.out}.part{rank}")
     mine = [i for i in range(len(config.conditions)) if i % world == rank]
@@ -98,10 +113,7 @@ def evaluate(pipe: Any, config: EvalConfig, progress: bool = True) -> list[dict[
         current = None
         for method, index in tqdm(todo, desc=f"eval (process {rank})", disable=not progress):
             if method != current:
-                if method == FULL:
-                    restore(pipe)
-                else:
-                    accelerate(pipe, method)
+                config.accelerate(pipe, method)
                 current = method
             sink.write(json.dumps(_generate(pipe, config, method, index)) + "\n")
             sink.flush()
@@ -172,7 +184,7 @@ def _plan_numbers(pipe: Any, config: EvalConfig, method: str) -> dict[str, Any]:
     """Cache usage and MACs speedup of ``method`` at the evaluated step count."""
     if method == FULL:
         return {"cache_usage_ratio": 0.0, "macs_speedup": 1.0}
-    accelerate(pipe, method)
+    config.accelerate(pipe, method)
     kwargs = generation_kwargs(pipe, config.conditions[0], config.seed, config.num_inference_steps,
                                config.guidance_scale)
     pipe(**kwargs, **config.extra_kwargs)

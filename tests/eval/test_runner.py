@@ -45,6 +45,18 @@ def test_summaries_compare_with_the_full_model(sd_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "r_images")) == ["deepcache-interval-3", "full"]
 
 
+def test_quantized_schedules_get_their_own_rows(sd_dir, tmp_path):
+    pipe = load_any_pipeline(sd_dir)
+    out = tmp_path / "r.jsonl"
+    evaluate(pipe, config(out), progress=False)
+    summaries = evaluate(pipe, config(out, quant="w8"), progress=False)
+    methods = [s["method"] for s in summaries]
+    assert methods == ["full", "deepcache:interval=3 + w8"]
+    assert 20 < summaries[1]["psnr"] < 100
+    labels = {r["method"] for r in rows(out, "image")}
+    assert labels == {"full", "deepcache:interval=3", "deepcache:interval=3 + w8"}  # float rows kept apart
+
+
 class Interrupt(Exception):
     pass
 
