@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
         "and vs the full model at the same seeds.\n"
     )
     start = time.perf_counter()
-    print(run_demo(args.out, args.per_class, args.repeats, progress=not args.quiet))
+    print(run_demo(args.out, args.per_class, args.repeats, progress=not args.quiet, quant=args.quant))
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -233,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=10, help="images per digit class and method (default 10)")
     demo.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
+    demo.add_argument("--quant", default=None, help="also run the models quantized with this preset (e.g. w8a8)")
     demo.set_defaults(handler=_demo, parser=demo)
 
     run = commands.add_parser(

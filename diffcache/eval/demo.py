@@ -10,6 +10,7 @@ labels, and PSNR against the full model's images.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -32,8 +33,11 @@ SEARCH_SEED = 1000  # calibration noise differs from the evaluated images' (seed
 
 
 def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repeats: int = 2,
-             progress: bool = True) -> str:
-    """Run the demo; writes ``grid.png`` and ``pareto.png`` into ``out_dir`` and returns the report text."""
+             progress: bool = True, quant: str | None = None) -> str:
+    """Run the demo; writes ``grid.png`` and ``pareto.png`` into ``out_dir`` and returns the report text.
+
+    ``quant`` (a preset such as ``"w8a8"``) also calibrates each model on 40 labels and adds the quantized model
+    alone and with the second preset of its list."""
     from ..models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifier, load_pipeline, real_digits
 
     out = Path(out_dir)
@@ -53,7 +57,8 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
         searched = search(pipe, list(range(10)), "dp", SEARCH_BUDGET, num_inference_steps=NUM_INFERENCE_STEPS,
                           guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, forecast=1,
                           progress=progress)
-        rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress)
+        others = _quantized(pipe, quant, schedules[1], progress) if quant else {}
+        rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress, others=others)
         scores = {r.method: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for r in rows}
         report.append(_table(name, rows, scores, len(labels)))
         for r in rows:
@@ -63,6 +68,19 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
     pareto_plot(pareto, out / "pareto.png", "FID to real digits (classifier features)")
     report.append(f"wrote {out / 'grid.png'} and {out / 'pareto.png'}")
     return "\n\n".join(report)
+
+
+def _quantized(pipe, quant: str, schedule: str, progress: bool) -> dict:
+    """Contexts running ``pipe`` quantized (calibrated here on 40 labels), alone and with ``schedule``."""
+    from ..api import accelerated
+    from ..models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+    from ..quant import calibrate
+
+    calibration = calibrate(pipe, [i % 10 for i in range(40)], quant, num_inference_steps=NUM_INFERENCE_STEPS,
+                            guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=20, progress=progress)
+    name = calibration.config.name
+    return {name: lambda: accelerated(pipe, "none", quant=calibration),
+            f"{name} + {schedule}": lambda: accelerated(pipe, schedule, quant=calibration)}
 
 
 def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float]], num_images: int) -> str:
@@ -75,10 +93,9 @@ def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float
     for r in rows:
         frechet, acc = scores[r.method]
         method = "full (no cache)" if r.method == FULL else r.method
-        lines.append(
-            f"| {method} | {r.macs_speedup:.2f}x | {r.speedup:.2f}x | {r.ideal_latency:.2f}x | {frechet:.1f} | "
-            f"{acc:.1%} | {r.psnr_db:.1f} |"
-        )
+        macs, ideal = (f"{v:.2f}x" if math.isfinite(v) else "n/a" for v in (r.macs_speedup, r.ideal_latency))
+        lines.append(f"| {method} | {macs} | {r.speedup:.2f}x | {ideal} | {frechet:.1f} | {acc:.1%} | "
+                     f"{r.psnr_db:.1f} |")
     return "\n".join(lines)
 
 
