@@ -126,7 +126,8 @@ def label(method: str | Schedule) -> str:
     """A method's name in tables: its tag, or ``"<method> <budget>"`` for a searched schedule."""
     if isinstance(method, str):
         return method
-    options = (",key_steps=1" if method.params.get("key_steps") else "") + (",forecast=1" if method.forecast else "")
+    keys = method.method == "ecad" and method.params.get("key_steps")  # (dp's key_steps is a count)
+    options = (",key_steps=1" if keys else "") + (",forecast=1" if method.forecast else "")
     return method.tag or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
 
 
