@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.hooks.hooks import ModelHook
@@ -57,7 +58,8 @@ class TemporalLookupHook(ModelHook):
     """Serves a timestep MLP's full-precision output for an input row seen at calibration; anything else runs the
     (quantized) module and warns once."""
 
-    def __init__(self, inputs, outputs, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, inputs: np.ndarray, outputs: np.ndarray, name: str, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
         self.table = {row.tobytes(): torch.as_tensor(out, dtype=dtype, device=device) for row, out in
                       zip(inputs, outputs)}
