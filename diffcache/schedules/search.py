@@ -89,7 +89,7 @@ def search(
     budget = Budget.parse(budget)
     denoiser = denoiser_of(pipe)
     adapter = resolve_adapter(denoiser)
-    granularity = granularity or _default_granularity(method, adapter)
+    granularity = granularity or _default_granularity(method, adapter, bool(options.get("key_steps")))
     adapter.layout(granularity)
     data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
     extra, extra_key = _quant_hooks(quant, method, adapter)
@@ -122,8 +122,10 @@ def search(
     return result
 
 
-def _default_granularity(method: str, adapter: Adapter) -> str:
-    if method in ("bac", "ecad", "router") and "component" in adapter.granularities:
+def _default_granularity(method: str, adapter: Adapter, key_steps: bool = False) -> str:
+    # A key-step genome reuses whole steps: block residuals are the cheapest way to do that, and the latency
+    # model prices them closest to the clock (it under-predicts component caching's savings).
+    if method in ("bac", "ecad", "router") and "component" in adapter.granularities and not key_steps:
         return "component"
     return BLOCK
 
