@@ -65,20 +65,17 @@ def accelerate(
         correction = CacheCorrection.load(correction)
     if correction is not None:
         correction.check(adapter, plan_for(correction.num_steps))
-    detach(denoiser)
     executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None)
     executor.correction = correction
-    attach(denoiser, executor, granularity)
-    if quant is not None:
+    hooks = []
+    if quant is not None:  # built before anything changes, so a bad quantization leaves the pipeline as it was
         from .quant.hooks import quant_hooks
 
-        try:
-            hooks, executor.quant_note = quant_hooks(adapter, quant, executor)
-            add_hooks(denoiser, hooks, QUANT_HOOK)
-        except Exception:
-            detach(denoiser)
-            raise
+        hooks, executor.quant_note = quant_hooks(adapter, quant, executor)
         logger.info("diffcache: %s", executor.quant_note)
+    detach(denoiser)
+    attach(denoiser, executor, granularity)
+    add_hooks(denoiser, hooks, QUANT_HOOK)
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 

@@ -198,3 +198,12 @@ def test_search_for_the_quantized_model(dit, calibrations, tmp_path):
     assert found["w8a8"].meta["quality"] < found["float"].meta["quality"]
     with pytest.raises(diffcache.SearchError, match="dp, bac or ecad"):
         diffcache.search(dit, LABELS[:2], "router", "2x", num_inference_steps=STEPS, quant=per_step, progress=False)
+
+
+def test_a_bad_quantization_keeps_the_previous_plan():
+    pipe = diffcache.accelerate(build_pipeline("dit"), "fora:interval=2")
+    before = run(pipe, "dit")
+    with pytest.raises(QuantError, match="needs their ranges"):
+        diffcache.accelerate(pipe, "uniform:interval=3", quant="w8a8")
+    assert diffcache.summary(pipe).tag == "fora:interval=2"
+    assert np.array_equal(run(pipe, "dit"), before)
