@@ -7,7 +7,6 @@ float, and reported as simulation). Conv2d layers and weight-only configs are si
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,6 @@ from .calibration import QuantCalibration, quantizable_layers, temporal_modules
 from .config import QuantConfig
 from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
 
-logger = logging.getLogger(__name__)
-
 
 class QuantLayerHook(ModelHook):
     """Replaces a Linear/Conv2d forward with its quantized version at the executor's current step: a real int8
@@ -39,48 +36,43 @@ class QuantLayerHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         if self.scale is not None:
-            step, steps = self.clock.step, len(self.scale)
-            if self.clock.plan is None or self.clock.plan.num_steps != steps or step >= steps:
-                planned = self.clock.plan.num_steps if self.clock.plan is not None else "no"
+            steps, plan = len(self.scale), self.clock.plan
+            if plan is None or plan.num_steps != steps:
                 raise AccelerationStateError(
                     f"{self.name}: activation ranges were calibrated for {steps} steps, but this generation runs "
-                    f"{planned} (step {step}); calibrate the quantization for this num_inference_steps"
+                    f"{plan.num_steps if plan is not None else 'no'}; calibrate the quantization for this "
+                    "num_inference_steps"
                 )
+            # The step as a tensor (a compiled denoiser needs no graph per step); past the end, the last range.
+            index = self.clock.step_index.clamp(max=steps - 1).view(1)
+            scale, zero = self.scale.index_select(0, index)[0], self.zero.index_select(0, index)[0]
             if self.kernel is not None:
-                return self.kernel(x, self.scale[step], self.zero[step])
-            x = fake_quant_act(x, self.scale[step], self.zero[step])
+                return self.kernel(x, scale, zero)
+            x = fake_quant_act(x, scale, zero)
         if isinstance(module, torch.nn.Linear):
             return F.linear(x, self.weight, module.bias)
         return module._conv_forward(x, self.weight, module.bias)
 
 
 class TemporalLookupHook(ModelHook):
-    """Serves a timestep MLP's full-precision output for an input row seen at calibration; anything else runs the
-    (quantized) module and warns once."""
+    """Serves a timestep MLP's full-precision output for the input rows seen at calibration (matched exactly, row
+    by row, with tensor ops so a compiled denoiser traces it); other rows run the (quantized) module."""
 
     def __init__(self, inputs: np.ndarray, outputs: np.ndarray, name: str, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        self.table = {row.tobytes(): torch.as_tensor(out, dtype=dtype, device=device) for row, out in
-                      zip(inputs, outputs)}
-        self.name, self.warned = name, False
+        self.inputs = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+        self.outputs = torch.as_tensor(outputs, dtype=dtype, device=device)
+        self.name = name
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["sample"]
-        values = x.detach().float().cpu().numpy()
-        if (values == values[:1]).all():  # one timestep for the whole batch: one lookup
-            row = self.table.get(values[0].tobytes())
-            if row is not None:
-                return row.to(x.dtype).expand(len(values), -1)
-        else:
-            rows = [self.table.get(v.tobytes()) for v in values]
-            if all(row is not None for row in rows):
-                return torch.stack(rows).to(x.dtype)
-        if not self.warned:
-            self.warned = True
-            logger.warning("diffcache: %s got a timestep its calibration did not see (another step count or "
-                           "scheduler?); computing it quantized", self.name)
-        return self.fn_ref.original_forward(*args, **kwargs)
+        match = (x.detach().float()[:, None, :] == self.inputs[None]).all(dim=-1)  # (batch, table rows)
+        found = match.any(dim=-1, keepdim=True)
+        table = self.outputs[match.int().argmax(dim=-1)].to(x.dtype)
+        if not torch.compiler.is_compiling() and bool(found.all()):
+            return table  # eager: the time path costs nothing
+        return torch.where(found, table, self.fn_ref.original_forward(*args, **kwargs))
 
 
 def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: Executor | None

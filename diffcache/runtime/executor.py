@@ -60,6 +60,7 @@ class Executor:
         self._rows: list[list[list[bool]]] = []
         self.needed: list[list[bool]] = []
         self.step = 0
+        self.step_index = torch.zeros((), dtype=torch.long)  # the step as a tensor: read in compiled code unguarded
         self.open = False  # inside a generation: calls are planned (else they run uncached, with a warning)
         self._calls_in_step = 0
         self._warned: set[str] = set()
@@ -214,6 +215,7 @@ class Executor:
         if not all(all(bits) for bits in self.row):
             self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
+        self.step_index = torch.tensor(self.step)
         self.in_call = True
         return True
 
