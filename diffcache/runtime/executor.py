@@ -104,6 +104,7 @@ class Executor:
     def _use_plan(self, plan: Schedule) -> None:
         self.plan = plan
         self._rows = plan.recompute.tolist()
+        self._present = plan.present_mask.tolist()  # per plan, not per call: `_available_row` runs every call
         if self.adapter.family == "unet":
             self.needed = [[False] for _ in plan.units]
             for row in self._rows:
@@ -231,14 +232,14 @@ class Executor:
 
     def _available_row(self) -> list[list[bool]]:
         """The step's row with reuses of uncached slots turned into recomputes; records the counts."""
-        row, present = [], self.plan.present_mask
-        for unit, bits in enumerate(self.row):
-            bits = [bit or (unit, c) not in self.store for c, bit in enumerate(bits)]
-            for c, (planned, bit) in enumerate(zip(self.row[unit], bits)):
-                if planned != bit and present[unit, c]:
+        row = []
+        for unit, (planned, present) in enumerate(zip(self.row, self._present)):
+            bits = [bit or (unit, c) not in self.store for c, bit in enumerate(planned)]
+            for c, (was, now, here) in enumerate(zip(planned, bits, present)):
+                if was != now and here:
                     self.warn_missing(f"{self.plan.units[unit]}.{self.plan.components[c]}")
-            computed = sum(bit for bit, here in zip(bits, present[unit]) if here)
-            self.stats.add(self.step, unit, computed, int(present[unit].sum()) - computed)
+            computed = sum(bit for bit, here in zip(bits, present) if here)
+            self.stats.add(self.step, unit, computed, sum(present) - computed)
             row.append(bits)
         return row
 
