@@ -73,7 +73,7 @@ def main() -> None:
     run_models(parser.parse_args(), bench_model)
 
 
-def matched_budgets(pipe, baselines: dict[str, Callable], kwargs: dict) -> list[str]:
+def matched_budgets(pipe, baselines: dict[str, Callable], settings: dict[str, dict], kwargs: dict) -> list[str]:
     """Latency budgets at the diffusers caches' speed. TaylorSeer's compute pattern (its full steps, everything
     else skipped) is priced with the same latency cost model the search uses, so the search gets its exact cost;
     FirstBlockCache decides at run time, so its speed comes from a timed pilot run."""
@@ -82,17 +82,17 @@ def matched_budgets(pipe, baselines: dict[str, Callable], kwargs: dict) -> list[
     layout = adapter.layout("block")
     speedups = set()
     for title in baselines:
-        params = dict(item.split("=") for item in title.split(" ", 2)[2].split(",") if "=" in item)
+        params = settings[title]
         if "cache_interval" in params:
-            interval, warmup = int(params["cache_interval"]), int(params["disable_cache_before_step"])
+            interval, warmup = params["cache_interval"], params["disable_cache_before_step"]
             bits = np.zeros((NUM_INFERENCE_STEPS, len(layout.units), 1), dtype=bool)
             bits[[k for k in range(NUM_INFERENCE_STEPS) if k < warmup or (k - warmup - 1) % interval == 0]] = True
             plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer")
             speedups.add(1 / cost_model.fraction(plan))
     pilot = compare_methods(pipe, lambda: kwargs, [], 1, progress=False,
-                            others={t: b for t, b in baselines.items() if "cache_interval" not in t})
+                            others={t: b for t, b in baselines.items() if "cache_interval" not in settings[t]})
     speedups |= {r.speedup for r in pilot if r.method in baselines and r.speedup > 1}
-    return sorted(f"latency:{math.floor(s * 100) / 100:.2f}x" for s in speedups)
+    return sorted({f"latency:{math.floor(s * 100) / 100:.2f}x" for s in speedups})  # distinct after rounding
 
 
 def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
@@ -104,14 +104,15 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     notes, search_cost = [], {}
     baselines: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
     for baseline, params in BASELINES[name]:
-        title = f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
+        title = _title(baseline, params)
         try:
             with diffusers_cache(pipe, baseline, **params):
                 pipe(**held_out(labels[:2], 2))
             baselines[title] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
         except BaselineUnavailable as err:
             notes.append(f"- {title}: not applicable ({err})")
-    matched = matched_budgets(pipe, baselines, held_out(labels[: len(labels) // 5], NUM_INFERENCE_STEPS))
+    settings = {_title(baseline, params): params for baseline, params in BASELINES[name]}
+    matched = matched_budgets(pipe, baselines, settings, held_out(labels[: len(labels) // 5], NUM_INFERENCE_STEPS))
     for method, forecast, extra in SEARCHES[name]:
         for budget in args.budgets + (matched if (method, forecast, extra) in MATCHED else []):
             options = extra | ({"generations": args.generations} if method == "ecad" else {})
@@ -156,6 +157,10 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in search_cost.items()),
               "(a budget's second search reuses the first's calibration, ECAD front or nothing: router retrains)"]
     return "\n".join(lines + notes) + "\n"
+
+
+def _title(baseline: str, params: dict) -> str:
+    return f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
 
 
 def _quality(score: tuple[float, float], psnr_db: float) -> str:
