@@ -46,7 +46,8 @@ def accelerate(
             blocks, for denoisers no built-in adapter knows.
         quant: also quantize the denoiser's Linear/Conv2d layers: a `diffcache.quant.QuantCalibration` (or the
             path of a saved one) for weights and per-step activations, or the weight-only preset ``"w8"``.
-            8-bit Linear layers run real int8 (oneDNN) on CPU, the rest in simulation; `summary` says which.
+            8-bit layers run real int8 where a kernel exists (Linear and Conv2d with oneDNN on CPU, Linear with
+            `torch._int_mm` on CUDA; float32 or bf16 models), the rest in simulation; `summary` says which.
         correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
             per-step, per-channel correction of the reused UNet branch feature.
 

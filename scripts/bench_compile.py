@@ -12,11 +12,9 @@ copies, because switching one compiled module between cached and uncached forwar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
 import torch
+from side_by_side import time_side_by_side  # scripts/side_by_side.py
 from torch._dynamo.utils import counters
 
 import diffcache
@@ -55,21 +53,10 @@ def bench(name: str, steps: int, repeats: int) -> str:
 
     torch._dynamo.reset()
     counters.clear()
-    warmup, images = {}, {}
-    for label, pipe in variants.items():
-        start = time.perf_counter()
-        pipe(**kwargs())
-        images[label] = np.asarray(pipe(**kwargs()).images)
-        warmup[label] = time.perf_counter() - start
+    timed = time_side_by_side({label: (lambda pipe=pipe: pipe(**kwargs()).images) for label, pipe in variants.items()},
+                              repeats, warmups=2)
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-
-    times: dict[str, list[float]] = {label: [] for label in variants}
-    for _ in range(repeats):
-        for label, pipe in variants.items():
-            start = time.perf_counter()
-            pipe(**kwargs())
-            times[label].append(time.perf_counter() - start)
-    median = {label: statistics.median(t) for label, t in times.items()}
+    median = {label: t.wall_s for label, t in timed.items()}
     eager, compiled = median["eager"], median["compiled"]
     denoiser = denoiser_of(variants["eager"])
     params = sum(p.numel() for p in denoiser.parameters()) / 1e6
@@ -82,8 +69,8 @@ def bench(name: str, steps: int, repeats: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for label in variants:
-        lines.append(f"| {label} | {warmup[label]:.1f} | {median[label]:.3f} | {eager / median[label]:.2f}x | "
-                     f"{compiled / median[label]:.2f}x | {psnr(images[label], images['eager']):.1f} |")
+        lines.append(f"| {label} | {timed[label].warmup_s:.1f} | {median[label]:.3f} | {eager / median[label]:.2f}x | "
+                     f"{compiled / median[label]:.2f}x | {psnr(timed[label].images, timed['eager'].images):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,20 @@
-"""Quantization on the embedded digits models: fp32 vs bf16 vs W8A8 simulated vs W8A8 real int8, alone and with a
-cache schedule, side by side in one process (CPU, 1 thread, alternated runs after a warm-up, median).
+"""Quantization: fp32 vs bf16 vs W8A8 simulated vs W8A8 real int8, alone, compiled and with a cache schedule, side
+by side in one process (alternated runs after a warm-up, median; on CPU one thread).
 
-Calibration: 40 labels at seed 0 (per-step activation ranges, timestep MLPs from a full-precision table);
-evaluation: 100 held-out images at seed 1000. Quality: Fréchet distance of the digit classifier's features to
-real digits, classifier accuracy, PSNR vs fp32. Weight bytes count the denoiser's quantized layers as stored.
+Embedded digits models: calibration on 40 labels at seed 0 (per-step activation ranges, timestep MLPs from a
+full-precision table); evaluation on 100 held-out images at seed 1000. Quality: Fréchet distance of the digit
+classifier's features to real digits, classifier accuracy, PSNR vs fp32. Weight bytes count the denoiser's
+quantized layers as stored.
 
-    python scripts/bench_quant.py                          # both models, ~10 min on 2 cores
+``--large``: random-weight models of the real sizes at 256 px, DiT-XL/2 (675M) and the SD1.5 UNet (860M, 32x32
+latent), with small text encoders and VAEs (`diffcache.testing`, ``size="large"``). Calibration on 2 other
+prompts at another seed; quality is PSNR vs fp32. int8 runs with bf16 everywhere else; compiled variants use
+inductor with freezing (what bf16 needs to prepack its weights).
+
+    python scripts/bench_quant.py                          # both digits models, ~10 min on 2 cores
     python scripts/bench_quant.py --models digits-dit --per-class 5 --repeats 1
+    python scripts/bench_quant.py --large dit              # ~25 min; --large sd ~20 min
+    python scripts/bench_quant.py --large dit --device cuda --steps 25 --repeats 5
 """
 
 from __future__ import annotations
@@ -17,15 +25,19 @@ import math
 
 import torch
 from digits_bench import held_out, run_models  # scripts/digits_bench.py
+from side_by_side import time_side_by_side  # scripts/side_by_side.py
 
 import diffcache
 from diffcache.adapters import denoiser_of
 from diffcache.eval.bench import compare_methods
-from diffcache.eval.metrics import accuracy, fid
+from diffcache.eval.metrics import accuracy, fid, psnr
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.quant import QuantCalibration, QuantConfig, calibrate, quantizable_layers
+from diffcache.testing import build_pipeline, call_kwargs, image_size
 
 CACHE = {"digits-dit": "uniform:interval=3", "digits-unet": "deepcache:interval=3"}
+LARGE_CACHE = {"dit": "uniform:interval=3", "sd": "deepcache:interval=3"}
+CALIBRATION = {"dit": [1, 500], "sd": ["a photo of a cat", "a dog in the snow"]}  # evaluation: call_kwargs's
 
 
 def main() -> None:
@@ -34,7 +46,16 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--calibration", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    run_models(parser.parse_args(), bench_model)
+    parser.add_argument("--large", choices=sorted(LARGE_CACHE), help="the real-size random-weight model instead")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10, help="sampling steps of --large")
+    parser.add_argument("--no-compile", action="store_true", help="--large: leave out the compiled variants")
+    args = parser.parse_args()
+    if args.large:
+        torch.set_num_threads(1)
+        print(bench_large(args.large, args), flush=True)
+    else:
+        run_models(args, bench_model)
 
 
 def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
@@ -76,6 +97,62 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
         lines.append(f"| {method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {fid(r.images, real, classifier):.2f} "
                      f"| {accuracy(r.images, labels, classifier):.1%} | "
                      f"{r.psnr_db if math.isfinite(r.psnr_db) else 100:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_large(name: str, args: argparse.Namespace) -> str:
+    device, steps, cache = torch.device(args.device), args.steps, LARGE_CACHE[name]
+    kwargs = call_kwargs(name, num_inference_steps=steps, size="large", seed=1)
+    guidance = kwargs.get("guidance_scale")
+    torch._inductor.config.freezing = True
+
+    def build(dtype: torch.dtype):
+        return build_pipeline(name, size="large").to(device, dtype)
+
+    full = build(torch.float32)
+    calibration = calibrate(full, CALIBRATION[name], "w8a8", num_inference_steps=steps, guidance_scale=guidance,
+                            batch_size=len(CALIBRATION[name]), progress=False)
+    variants = {"fp32": full, "bf16": build(torch.bfloat16)}
+    quantized = {"W8A8 int8": "none", f"W8A8 int8 + {cache}": cache}
+    for label, schedule in quantized.items():
+        variants[label] = diffcache.accelerate(build(torch.bfloat16), schedule, quant=calibration)
+    if not args.no_compile:
+        variants["bf16 + compile"] = build(torch.bfloat16)
+        for label, schedule in quantized.items():
+            variants[label + " + compile"] = diffcache.accelerate(build(torch.bfloat16), schedule, quant=calibration)
+        for label in [label for label in variants if label.endswith("compile")]:
+            denoiser_of(variants[label]).compile()
+    for pipe in variants.values():
+        pipe.set_progress_bar_config(disable=True)
+
+    def run(pipe):
+        def generate():
+            return pipe(**(kwargs | {"generator": torch.Generator("cpu").manual_seed(1)})).images
+        return generate
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timed = time_side_by_side({label: run(pipe) for label, pipe in variants.items()}, args.repeats, warmups=2,
+                              sync=sync)
+    note = diffcache.summary(variants["W8A8 int8"]).quant
+    layers = quantizable_layers(denoiser_of(full), calibration.config)
+    float_bytes = sum(m.weight.numel() * 4 for _, m in layers)
+    int8_bytes = sum(m.weight.numel() + m.weight.shape[0] * 4 for _, m in layers)
+    processor = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread"
+    denoiser = denoiser_of(full)
+    lines = [
+        f"**{type(denoiser).__name__} {sum(p.numel() for p in denoiser.parameters()) / 1e6:.0f}M, "
+        f"{image_size(name, 'large')} px** ({processor}; {steps} DDIM steps, batch 1 + CFG, median of {args.repeats}; "
+        f"{note}; quantized layers' weights {float_bytes / 2**20:.0f} MiB fp32 -> {int8_bytes / 2**20:.0f} MiB int8)",
+        "",
+        "| method | warm-up s (2 runs) | median s | CPU s | vs fp32 | vs bf16 + compile | PSNR vs fp32 dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    reference = timed.get("bf16 + compile", timed["bf16"]).wall_s
+    for label, t in timed.items():
+        quality = psnr(t.images, timed["fp32"].images)
+        lines.append(f"| {label} | {t.warmup_s:.1f} | {t.wall_s:.2f} | {t.cpu_s:.2f} | "
+                     f"{timed['fp32'].wall_s / t.wall_s:.2f}x | {reference / t.wall_s:.2f}x | "
+                     f"{quality if math.isfinite(quality) else 100:.1f} |")
     return "\n".join(lines) + "\n"
 
 

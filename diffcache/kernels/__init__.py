@@ -1,11 +1,39 @@
-"""Real low-bit execution backends, chosen at run time (ARCHITECTURE section 6).
+"""Real int8 execution backends, chosen per layer at run time (ARCHITECTURE section 6).
 
-``onednn``: int8 GEMMs through oneDNN's ``qlinear`` (u8 activations x s8 per-channel weights, fused dequant and
-bias; AMX-INT8 / VNNI where the CPU has them). It takes the activation scale as a tensor, so one prepacked
-weight serves every step's own activation range. Its output matches diffcache's fake-quant simulation to float
-rounding (the same scheme), which the tests check.
+``onednn`` (CPU): int8 GEMMs and convolutions through oneDNN's ``qlinear`` / ``qconv`` (u8 activations x s8
+per-channel weights, fused dequant and bias; AMX-INT8 / VNNI where the CPU has them), in float32 or bf16 models.
+``intmm`` (CUDA): Linear layers on ``torch._int_mm`` (cuBLASLt int8 tensor cores) with the dequantization in
+tensor ops that ``torch.compile`` fuses. Both take the activation scale as a tensor, so one prepared weight serves
+every step's own activation range, and both compute the integers of diffcache's simulation (tested).
 """
 
-from .onednn import OneDNNLinear, onednn_available
+from __future__ import annotations
 
-__all__ = ["OneDNNLinear", "onednn_available"]
+import torch
+
+from .intmm import IntMMLinear, intmm_supports
+from .onednn import OneDNNConv2d, OneDNNLinear, onednn_available, onednn_supports
+
+BACKENDS = ("onednn", "intmm")
+
+Int8Kernel = OneDNNLinear | OneDNNConv2d | IntMMLinear
+
+
+def int8_backend(module: torch.nn.Module) -> str | None:
+    """The backend that runs ``module`` in int8 on its device, or ``None`` (then it is simulated)."""
+    if module.weight.device.type == "cpu":
+        return "onednn" if onednn_available() and onednn_supports(module) else None
+    return "intmm" if module.weight.device.type == "cuda" and intmm_supports(module) else None
+
+
+def int8_layer(module: torch.nn.Module, scale: torch.Tensor, bits: int = 8, backend: str = "onednn") -> Int8Kernel:
+    """``module``'s weight quantized with the per-channel ``scale`` and prepared for ``backend``."""
+    if backend == "intmm":
+        return IntMMLinear(module.weight, scale, module.bias, bits)
+    if isinstance(module, torch.nn.Conv2d):
+        return OneDNNConv2d(module, scale, bits)
+    return OneDNNLinear(module.weight, scale, module.bias, bits)
+
+
+__all__ = ["BACKENDS", "Int8Kernel", "IntMMLinear", "OneDNNConv2d", "OneDNNLinear", "int8_backend", "int8_layer",
+           "onednn_available"]

@@ -16,7 +16,7 @@ WEIGHT_BITS = (4, 8)
 ACT_BITS = (8,)
 WEIGHT_RANGES = ("minmax", "mse")
 ACT_RANGES = ("minmax", "percentile")
-BACKENDS = ("auto", "onednn", "fake")
+BACKENDS = ("auto", "onednn", "intmm", "fake")
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ class QuantConfig:
             (percentile 99.9: 11-16 dB PSNR, against 33-38 dB for min-max), so min-max is the default.
         per_step: one activation range per step (``True``) or one shared by all steps.
         skip: module-name substrings left in floating point (e.g. ``("proj_out",)``).
-        backend: ``"auto"`` (real int8 through oneDNN for 8-bit Linear layers where it runs, simulation
-            elsewhere), ``"onednn"`` (require it) or ``"fake"`` (simulate everything: the numbers of the
-            deployed scheme, not its speed).
+        backend: ``"auto"`` (real int8 for 8-bit layers where a kernel runs them: oneDNN for Linear and Conv2d
+            on CPU, ``torch._int_mm`` for Linear on CUDA; simulation elsewhere), ``"onednn"`` or ``"intmm"``
+            (require that kernel for every layer) or ``"fake"`` (simulate everything: the numbers of the deployed
+            scheme, not its speed).
         temporal_lookup: serve every ``TimestepEmbedding`` (the timestep MLP: a function of ``t`` alone) from a
             table of its full-precision outputs recorded at calibration, keyed by its exact input (TFMQ-DM's
             temporal-feature cache): the time path then costs nothing and carries no quantization error.

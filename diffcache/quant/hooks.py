@@ -1,12 +1,13 @@
 """Quantized execution: each quantized layer's hook runs it with the current step's activation range.
 
-Two backends with the same numbers: ``onednn`` runs Linear layers as real int8 GEMMs (`diffcache.kernels`), and
-``fake`` simulates (rounds the input, runs the layer with weights rounded once, in floating point: slower than
-float, and reported as simulation). Conv2d layers and weight-only configs are simulated in this version.
+Real int8 kernels (`diffcache.kernels`: ``onednn`` for Linear and Conv2d on CPU, ``intmm`` for Linear on CUDA)
+and ``fake`` give the same numbers: ``fake`` simulates (rounds the input, runs the layer with weights rounded once, in
+floating point: slower than float, and reported as simulation). 4-bit and weight-only configs are simulated.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from ..adapters import Adapter
 from ..errors import AccelerationStateError, QuantError
-from ..kernels import OneDNNLinear, onednn_available
+from ..kernels import BACKENDS, Int8Kernel, int8_backend, int8_layer
 from ..runtime import Executor
 from .calibration import QuantCalibration, quantizable_layers, temporal_modules
 from .config import QuantConfig
@@ -28,7 +29,7 @@ class QuantLayerHook(ModelHook):
     ``kernel`` when given, else the fake-quantized ``weight``."""
 
     def __init__(self, clock: Executor, weight: torch.Tensor | None, scale: torch.Tensor | None,
-                 zero: torch.Tensor | None, name: str, kernel: OneDNNLinear | None = None) -> None:
+                 zero: torch.Tensor | None, name: str, kernel: Int8Kernel | None = None) -> None:
         super().__init__()
         self.clock, self.weight, self.scale, self.zero, self.name = clock, weight, scale, zero, name
         self.kernel = kernel
@@ -48,7 +49,7 @@ class QuantLayerHook(ModelHook):
             scale, zero = self.scale.index_select(0, index)[0], self.zero.index_select(0, index)[0]
             if self.kernel is not None:
                 return self.kernel(x, scale, zero)
-            x = fake_quant_act(x, scale, zero)
+            x = fake_quant_act(x, scale, zero).to(x.dtype)
         if isinstance(module, torch.nn.Linear):
             return F.linear(x, self.weight, module.bias)
         return module._conv_forward(x, self.weight, module.bias)
@@ -61,7 +62,8 @@ class TemporalLookupHook(ModelHook):
     def __init__(self, inputs: np.ndarray, outputs: np.ndarray, name: str, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        self.inputs = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+        # Matched as the module sees them: a bf16 model gets the float32-recorded rows rounded to bf16.
+        self.inputs = torch.as_tensor(inputs, dtype=torch.float32, device=device).to(dtype).float()
         self.outputs = torch.as_tensor(outputs, dtype=dtype, device=device)
         self.name = name
 
@@ -91,7 +93,7 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
                 "use the weight-only preset 'w8'"
             )
     hooks: list[tuple[torch.nn.Module, ModelHook]] = []
-    real = simulated = 0
+    counts: Counter[str] = Counter()
     for index, (name, module) in enumerate(quantizable_layers(adapter.denoiser, config)):
         with torch.no_grad():
             scales = weight_scales(module.weight, config.weight_bits, config.weight_range)
@@ -99,33 +101,40 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
             if config.act_bits is not None:
                 ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
                 scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
-            if scale is not None and _use_onednn(config, module):
-                kernel = OneDNNLinear(module.weight, scales, module.bias, config.weight_bits)
-                real += 1
+            backend = _backend(config, module) if scale is not None else None
+            if backend is not None:
+                kernel = int8_layer(module, scales, config.weight_bits, backend)
             else:
                 weight = fake_quant_weight(module.weight, scales, config.weight_bits)
-                simulated += 1
+            counts[backend or "fake"] += 1
         hooks.append((module, QuantLayerHook(clock, weight, scale, zero, name, kernel)))
     if isinstance(quant, QuantCalibration) and config.temporal_lookup:
         modules = dict(temporal_modules(adapter.denoiser))
         for name, (inputs, outputs) in quant.temporal.items():
             parameter = next(modules[name].parameters())
             hooks.append((modules[name], TemporalLookupHook(inputs, outputs, name, parameter.dtype, parameter.device)))
-    lookups = len(hooks) - real - simulated
-    note = (f"{config.name}: {real} layers int8 (oneDNN), {simulated} simulated (fake quantization)"
+    lookups = len(hooks) - sum(counts.values())
+    real = ", ".join(f"{counts[b]} layers int8 ({_KERNEL_NAMES[b]})" for b in BACKENDS if counts[b])
+    note = (f"{config.name}: {real or '0 layers int8'}, {counts['fake']} simulated (fake quantization)"
             + (f", {lookups} timestep MLPs from a full-precision table" if lookups else ""))
     return hooks, note
 
 
-def _use_onednn(config: QuantConfig, module: torch.nn.Module) -> bool:
-    """Real int8 for 8-bit Linear layers on CPU float32 when oneDNN is there (``backend`` permitting)."""
-    possible = (isinstance(module, torch.nn.Linear) and config.weight_bits == 8 and onednn_available()
-                and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32)
-    if config.backend == "onednn" and isinstance(module, torch.nn.Linear) and not possible:
-        raise QuantError(f"backend 'onednn' runs 8-bit float32 Linear layers on CPU with oneDNN; this one is "
-                         f"{config.weight_bits}-bit {module.weight.dtype} on {module.weight.device}. Use backend='auto'"
-                         " or 'fake'")
-    return possible and config.backend != "fake"
+_KERNEL_NAMES = {"onednn": "oneDNN", "intmm": "torch._int_mm"}
+
+
+def _backend(config: QuantConfig, module: torch.nn.Module) -> str | None:
+    """The int8 kernel for an 8-bit layer on its device (``config.backend`` permitting), or ``None`` to simulate."""
+    if config.backend == "fake":
+        return None
+    found = int8_backend(module) if config.weight_bits == 8 else None
+    if config.backend != "auto" and found != config.backend:
+        raise QuantError(
+            f"backend {config.backend!r} cannot run this {config.weight_bits}-bit {type(module).__name__} "
+            f"({module.weight.dtype} on {module.weight.device}): 'onednn' runs 8-bit Linear and zero-padded Conv2d "
+            "layers on CPU, 'intmm' 8-bit Linear layers with sizes divisible by 8 on CUDA. Use backend='auto' "
+            "(int8 where it runs, simulation elsewhere) or 'fake'")
+    return found
 
 
 __all__ = ["QuantLayerHook", "TemporalLookupHook", "quant_hooks"]

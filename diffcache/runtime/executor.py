@@ -205,9 +205,9 @@ class Executor:
                 "extra steps recompute everything",
             )
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
+        like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if self.adapter.family == "unet":
             self.branch = self._unet_branch()
-            like = next((a for a in args if isinstance(a, torch.Tensor)), None)
             fix = self.correction is not None and self.branch is not None and like is not None
             self.fix = self.correction.at(self.step, like) if fix else None
         else:
@@ -216,7 +216,7 @@ class Executor:
         if not all(all(bits) for bits in self.row):
             self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
-        self.step_index = torch.tensor(self.step)
+        self.step_index = torch.tensor(self.step, device=like.device if like is not None else None)
         self.in_call = True
         return True
 

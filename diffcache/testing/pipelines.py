@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 PIPELINE_NAMES: tuple[str, ...] = ("sd", "sdxl", "dit", "pixart", "sd3", "flux", "unet2d")
 """All pipeline names accepted by :func:`build_pipeline` and :func:`call_kwargs`."""
 
-SIZES: tuple[str, ...] = ("tiny", "bench")
+SIZES: tuple[str, ...] = ("tiny", "bench", "large")
 
 # Output image side in pixels per (name, size); the VAE factor is 8 everywhere.
 _IMAGE_PX: dict[tuple[str, str], int] = {
@@ -85,15 +85,18 @@ _IMAGE_PX: dict[tuple[str, str], int] = {
     ("sdxl", "tiny"): 64,
     ("dit", "tiny"): 64,
     ("dit", "bench"): 128,
+    ("dit", "large"): 256,
+    ("sd", "large"): 256,
     ("pixart", "tiny"): 64,
     ("sd3", "tiny"): 64,
     ("flux", "tiny"): 64,
     ("unet2d", "tiny"): 32,
 }
 BENCH_PIPELINE_NAMES: tuple[str, ...] = tuple(n for n in PIPELINE_NAMES if (n, "bench") in _IMAGE_PX)
-"""Names that also have a bigger ``size="bench"`` configuration ("sd", "dit")."""
+"""Names that also have bigger ``size="bench"`` and ``size="large"`` configurations ("sd", "dit"). ``"large"`` is
+the real models' size at 256 px: DiT-XL/2 (675M) and the SD1.5 UNet (860M), with small text encoders and VAEs."""
 
-_VAE_CHANNELS = {"tiny": (8, 8, 16, 16), "bench": (32, 32, 64, 64)}
+_VAE_CHANNELS = {"tiny": (8, 8, 16, 16), "bench": (32, 32, 64, 64), "large": (32, 32, 64, 64)}
 _VAE_FACTOR = 8
 _TEXT_DIM = 32  # hidden size of every CLIP text encoder
 _TEXT_VOCAB = 1000  # >= both tokenizer vocab sizes
@@ -117,7 +120,7 @@ def _check(name: str, size: str = "tiny") -> None:
     if (name, size) not in _IMAGE_PX:
         raise ValueError(
             f"size {size!r} is not available for {name!r}; "
-            f"size 'bench' exists only for: {', '.join(BENCH_PIPELINE_NAMES)}"
+            f"sizes 'bench' and 'large' exist only for: {', '.join(BENCH_PIPELINE_NAMES)}"
         )
 
 
@@ -202,12 +205,12 @@ def _t5_tokenizer() -> T5TokenizerFast:
 
 
 def _clip_text_encoder(
-    seed: int, offset: int, tokenizer: CLIPTokenizer, projection: bool = False
+    seed: int, offset: int, tokenizer: CLIPTokenizer, projection: bool = False, hidden: int = _TEXT_DIM
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """Tiny CLIP text encoder (hidden 32, 2 layers, projection 32) matching ``tokenizer``'s ids."""
+    """Tiny CLIP text encoder (hidden 32 unless given, 2 layers, projection 32) matching ``tokenizer``'s ids."""
     config = CLIPTextConfig(
         vocab_size=_TEXT_VOCAB,
-        hidden_size=_TEXT_DIM,
+        hidden_size=hidden,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -276,6 +279,7 @@ def _ddim() -> DDIMScheduler:
 
 def _build_sd(seed: int, size: str) -> DiffusionPipeline:
     px = _IMAGE_PX["sd", size]
+    channels, text_dim = ((320, 640, 1280, 1280), 768) if size == "large" else ((32, 64, 64, 64), _TEXT_DIM)
     unet = _seeded(
         seed,
         1,
@@ -285,17 +289,17 @@ def _build_sd(seed: int, size: str) -> DiffusionPipeline:
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(32, 64, 64, 64),
+            block_out_channels=channels,
             layers_per_block=2,  # as SD1.5: 12 skip connections
             norm_num_groups=32,
-            cross_attention_dim=_TEXT_DIM,
+            cross_attention_dim=text_dim,
             attention_head_dim=8,  # legacy name: number of heads, as in SD1.5
         ),
     )
     tokenizer = _clip_tokenizer()
     return StableDiffusionPipeline(
         vae=_vae(seed, 2, _VAE_CHANNELS[size], sample_size=px),
-        text_encoder=_clip_text_encoder(seed, 3, tokenizer),
+        text_encoder=_clip_text_encoder(seed, 3, tokenizer, hidden=text_dim),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=_ddim(),
@@ -346,7 +350,7 @@ def _build_sdxl(seed: int, size: str) -> DiffusionPipeline:
 
 def _build_dit(seed: int, size: str) -> DiffusionPipeline:
     px = _IMAGE_PX["dit", size]
-    layers, heads, head_dim = {"tiny": (4, 2, 16), "bench": (12, 6, 64)}[size]
+    layers, heads, head_dim = {"tiny": (4, 2, 16), "bench": (12, 6, 64), "large": (28, 16, 72)}[size]
     transformer = _seeded(
         seed,
         1,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 import diffcache
 from diffcache.errors import AccelerationStateError, QuantError
-from diffcache.kernels import OneDNNLinear, onednn_available
+from diffcache.kernels import int8_layer, onednn_available
 from diffcache.models import GUIDANCE_SCALE, load_pipeline
 from diffcache.quant import QuantCalibration, QuantConfig, calibrate
+from diffcache.quant.hooks import QuantLayerHook
 from diffcache.quant.quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
 from diffcache.testing import build_pipeline
 
@@ -150,20 +153,32 @@ def test_temporal_lookup_serves_full_precision_time_features(dit, calibrations):
     assert per_step.temporal[name][0].shape[0] == STEPS  # one row per distinct timestep
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 linear")
-def test_onednn_int8_linear_matches_the_simulation():
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 kernels")
+@pytest.mark.parametrize("layer", ["linear", "conv", "strided grouped conv", "linear intmm"])
+def test_int8_kernels_match_the_simulation(layer):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48)
-    x = torch.randn(3, 5, 64) * 2
-    w_scale = weight_scales(linear.weight, 8, "mse")
-    x_scale, x_zero = act_params(x.min(), x.max())
-    kernel = OneDNNLinear(linear.weight, w_scale, linear.bias)
-    simulated = torch.nn.functional.linear(fake_quant_act(x, x_scale, x_zero),
-                                           fake_quant_weight(linear.weight, w_scale, 8), linear.bias)
-    real = kernel(x, x_scale, x_zero)
-    assert real.shape == simulated.shape
-    assert (real - simulated).abs().max() < 1e-5 * simulated.abs().max()  # same integers, float rounding only
-    assert kernel.nbytes < linear.weight.numel() * 4 / 3  # int8 weights plus per-channel scales
+    backend = "intmm" if layer.endswith("intmm") else "onednn"
+    if layer.startswith("linear"):
+        module, x = torch.nn.Linear(64, 48), torch.randn(3, 5, 64) * 2 + 1
+    else:
+        stride, groups = (1, 1) if layer == "conv" else (2, 4)
+        module, x = torch.nn.Conv2d(16, 24, 3, stride=stride, padding=1, groups=groups), torch.randn(2, 16, 9, 9) + 1
+    w_scale = weight_scales(module.weight, 8, "mse")
+    kernel = int8_layer(module, w_scale, backend=backend)
+    # bf16 models get bf16 out of the same integers (int8 GEMMs, bf16 everywhere else)
+    low_precision = int8_layer(copy.deepcopy(module).to(torch.bfloat16), w_scale, backend=backend)
+    # Two activation ranges with one prepacked kernel: the range is a run-time input (one per step).
+    for low, high in ((x.min(), x.max()), (x.min() / 2, x.max() * 3)):
+        x_scale, x_zero = act_params(low, high)
+        simulated = QuantLayerHook(None, fake_quant_weight(module.weight, w_scale, 8), None, None, layer).new_forward(
+            module, fake_quant_act(x, x_scale, x_zero))
+        real = kernel(x, x_scale, x_zero)
+        assert real.shape == simulated.shape and real.dtype == torch.float32
+        assert (real - simulated).abs().max() < 1e-5 * simulated.abs().max()  # same integers, float rounding only
+        out = low_precision(x.to(torch.bfloat16), x_scale, x_zero)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - simulated).abs().max() < 0.02 * simulated.abs().max()
+    assert kernel.nbytes < module.weight.numel() * 4 / 3  # int8 weights plus per-channel scales
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 linear")
@@ -182,6 +197,31 @@ def test_real_int8_and_simulation_agree_end_to_end(dit, calibrations):
     full = generate(dit)
     assert psnr(outputs["onednn"], outputs["fake"]) > 38
     assert abs(psnr(outputs["onednn"], full) - psnr(outputs["fake"], full)) < 1.5
+
+
+def test_bf16_model_runs_int8_with_its_float32_calibration(dit, calibrations):
+    """int8 GEMMs and convolutions with bf16 everywhere else: the calibration made on the float32 pipeline
+    serves the bf16 copy, every layer runs a kernel, and the timestep MLPs still come from the table."""
+    _, per_step = calibrations
+    low = copy.deepcopy(dit).to(torch.bfloat16)
+    name = next(iter(per_step.temporal))
+    mlp_calls = []
+    inner = dict(low.transformer.named_modules())[name].linear_1
+    handle = inner.register_forward_hook(lambda *_: mlp_calls.append(1))
+    with diffcache.accelerated(dit, "none", quant=per_step):
+        float32 = generate(dit)
+    with diffcache.accelerated(low, "uniform:interval=2", quant=per_step):
+        cached = generate(low)
+    try:
+        with diffcache.accelerated(low, "none", quant=per_step):
+            bf16 = generate(low)
+            note = diffcache.summary(low).quant
+    finally:
+        handle.remove()
+    assert bf16.dtype == np.float32 and f"{len(per_step.layers)} layers int8" in note and "0 simulated" in note
+    assert not mlp_calls  # served from the table (its rows rounded to bf16 as the model rounds its inputs)
+    assert 30 < psnr(bf16, float32) < 100  # bf16 rounding on top of the same integers
+    assert 20 < psnr(cached, bf16) < 100
 
 
 def test_search_for_the_quantized_model(dit, calibrations, tmp_path):
