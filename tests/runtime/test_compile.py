@@ -102,3 +102,22 @@ def test_compiled_quantized_and_cached_dit_keeps_its_graphs():
     # the graphs follow the plan's step patterns (compute, reuse), not the 6 steps, and a second generation adds none.
     assert graphs() == first <= 4
     assert all("torch.compiler.disable" in reason for reason in graph_breaks())
+
+
+def test_inductor_runs_the_int8_kernels_of_a_bf16_dit(monkeypatch):
+    """Inductor, not just dynamo: the int8 GEMMs/convolutions (opaque ops) with the activation rounding fused
+    around them, in a bf16 model, with freezing (what bf16 needs to prepack its own weights; inductor's own
+    lowering of oneDNN's qlinear failed here without the opaque ops; checked without freezing too)."""
+    from diffcache.quant import calibrate
+
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    pipe = build_pipeline("dit")
+    calibration = calibrate(pipe, [1, 2], "w8a8", num_inference_steps=6, guidance_scale=4.0, progress=False)
+    pipe.to(torch.bfloat16)
+    diffcache.accelerate(pipe, "fora:interval=2", quant=calibration)
+    assert "0 simulated" in diffcache.summary(pipe).quant
+    eager = run(pipe, "dit")
+    pipe.transformer.compile()
+    compiled = run(pipe, "dit")
+    assert np.abs(compiled - eager).max() < 0.05  # bf16 fusions round differently, the integers are the same
+    assert all("torch.compiler.disable" in reason for reason in graph_breaks())
