@@ -63,6 +63,7 @@ class OneDNNLinear(Int8Layer):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> None:
         super().__init__(weight, scale, bias, bits)
         self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        del self.qweight  # the packed copy is the one that runs
 
     def __call__(self, x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor) -> torch.Tensor:
         qx, bias, dtype = self.inputs(x, x_scale, x_zero, _OUTPUT_DTYPES)
@@ -81,6 +82,7 @@ class OneDNNConv2d(Int8Layer):
         stride, padding, dilation, groups = self.geometry
         self.packed = torch.ops.onednn.qconv_prepack(self.qweight, self.scale, 1.0, 0, stride, padding, dilation,
                                                      groups, None)
+        del self.qweight  # the packed copy is the one that runs
         self.weight_shape = list(conv.weight.shape)
 
     def __call__(self, x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor) -> torch.Tensor:
