@@ -81,10 +81,7 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
         note = diffcache.summary(pipe).quant
     rows = compare_methods(pipe, lambda: held_out(labels, NUM_INFERENCE_STEPS), [cache], args.repeats, progress=False,
                            others=others)
-    denoiser = denoiser_of(pipe)
-    layers = quantizable_layers(denoiser, per_step.config)
-    float_bytes = sum(m.weight.numel() * 4 for _, m in layers)
-    int8_bytes = sum(m.weight.numel() + m.weight.shape[0] * 4 for _, m in layers)
+    float_bytes, int8_bytes = _weight_bytes(denoiser_of(pipe), per_step.config)
     lines = [
         f"**{name}** ({len(labels)} held-out images, {NUM_INFERENCE_STEPS} DDIM steps, 1 thread; {note}; "
         f"quantized layers' weights {float_bytes / 2**20:.2f} MiB fp32 -> {int8_bytes / 2**20:.2f} MiB int8)",
@@ -134,11 +131,9 @@ def bench_large(name: str, args: argparse.Namespace) -> str:
     timed = time_side_by_side({label: run(pipe) for label, pipe in variants.items()}, args.repeats, warmups=2,
                               sync=sync)
     note = diffcache.summary(variants["W8A8 int8"]).quant
-    layers = quantizable_layers(denoiser_of(full), calibration.config)
-    float_bytes = sum(m.weight.numel() * 4 for _, m in layers)
-    int8_bytes = sum(m.weight.numel() + m.weight.shape[0] * 4 for _, m in layers)
-    processor = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread"
     denoiser = denoiser_of(full)
+    float_bytes, int8_bytes = _weight_bytes(denoiser, calibration.config)
+    processor = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread"
     reference = "bf16 + compile" if "bf16 + compile" in timed else "bf16"
     lines = [
         f"**{type(denoiser).__name__} {sum(p.numel() for p in denoiser.parameters()) / 1e6:.0f}M, "
@@ -154,6 +149,13 @@ def bench_large(name: str, args: argparse.Namespace) -> str:
                      f"{timed['fp32'].wall_s / t.wall_s:.2f}x | {timed[reference].wall_s / t.wall_s:.2f}x | "
                      f"{quality if math.isfinite(quality) else 100:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _weight_bytes(denoiser: torch.nn.Module, config: QuantConfig) -> tuple[int, int]:
+    """Bytes of the quantized layers' weights in fp32, and as int8 with one float32 scale per output channel."""
+    layers = quantizable_layers(denoiser, config)
+    return (sum(m.weight.numel() * 4 for _, m in layers),
+            sum(m.weight.numel() + m.weight.shape[0] * 4 for _, m in layers))
 
 
 @contextlib.contextmanager
