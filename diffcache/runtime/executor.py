@@ -13,9 +13,11 @@ position (``call0``, ``call1``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,24 @@ from .stats import StatsRecorder
 from .store import CacheStore
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CallTensors:
+    """What the hooks of one denoiser call read that changes between calls: the step as a 0-d tensor (on the
+    denoiser's device), the CFG branch's cache store and CacheQuant's ``(alpha, beta)`` for this step."""
+
+    step: torch.Tensor
+    store: CacheStore
+    fix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+# Each executor's `CallTensors`, keyed by `Executor.key`, in a module-level table for compiled code to read: under
+# inductor's freezing dynamo makes every tensor reached through a module (here: a hook's executor) a constant of the
+# graph, so each new step index or cached feature compiled a new graph (and past the recompile limit ran eager).
+# Reached from a global, the same tensors are graph inputs.
+LIVE: dict[int, CallTensors] = {}
+_KEYS = itertools.count()
 
 
 class Executor:
@@ -60,14 +80,15 @@ class Executor:
         self._rows: list[list[list[bool]]] = []
         self.needed: list[list[bool]] = []
         self.step = 0
-        self.step_index = torch.zeros((), dtype=torch.long)  # the step as a tensor: read in compiled code unguarded
+        self.key = next(_KEYS)
+        LIVE[self.key] = CallTensors(torch.zeros((), dtype=torch.long), CacheStore())
+        weakref.finalize(self, LIVE.pop, self.key, None)
         self.open = False  # inside a generation: calls are planned (else they run uncached, with a warning)
         self._calls_in_step = 0
         self._warned: set[str] = set()
         self._compile_checked: set[int] = set()
         # Set for the duration of one denoiser call:
         self.in_call = False
-        self.store: CacheStore = CacheStore()
         self.row: list[list[bool]] = []
         self.branch: int | None = None
         self.since: dict[Any, int] = {}
@@ -75,7 +96,23 @@ class Executor:
         # Optional CacheQuant correction of reused UNet branch features, and this call's (alpha, beta):
         self.correction: Any | None = None
         self.quant_note: str | None = None  # what the quantization hooks run, for `summary`
-        self.fix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # The per-call tensors live in `LIVE` (see there); these properties are how everything reads and sets them.
+    @property
+    def store(self) -> CacheStore:
+        return LIVE[self.key].store
+
+    @store.setter
+    def store(self, store: CacheStore) -> None:
+        LIVE[self.key].store = store
+
+    @property
+    def step_index(self) -> torch.Tensor:
+        return LIVE[self.key].step
+
+    @property
+    def fix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return LIVE[self.key].fix
 
     # ------------------------------------------------------------------------------------- generation
     def start_generation(self, num_steps: int) -> None:
@@ -209,14 +246,14 @@ class Executor:
         if self.adapter.family == "unet":
             self.branch = self._unet_branch()
             fix = self.correction is not None and self.branch is not None and like is not None
-            self.fix = self.correction.at(self.step, like) if fix else None
+            LIVE[self.key].fix = self.correction.at(self.step, like) if fix else None
         else:
             self.branch = None
             self.row = self._available_row()
         if not all(all(bits) for bits in self.row):
             self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
-        self.step_index = torch.tensor(self.step, device=like.device if like is not None else None)
+        LIVE[self.key].step = torch.tensor(self.step, device=like.device if like is not None else None)
         self.in_call = True
         return True
 

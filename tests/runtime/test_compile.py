@@ -72,6 +72,17 @@ def test_plans_with_many_patterns_warn_under_compile(caplog):
     assert "recompile_limit" in caplog.text
 
 
+def test_frozen_compile_of_unet_deepcache_keeps_its_graphs(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    pipe = diffcache.accelerate(build_pipeline("sd"), "deepcache:interval=3")
+    eager = run(pipe, "sd", steps=6)
+    pipe.unet.compile(backend="eager")
+    assert np.array_equal(run(pipe, "sd", steps=6), eager)
+    first = graphs()
+    assert np.array_equal(run(pipe, "sd", steps=6), eager)
+    assert graphs() == first <= 3  # full step, reuse step (and the scheduler-less first call), not one per step
+
+
 @pytest.mark.slow
 def test_inductor_compiled_unet_deepcache():
     pipe = diffcache.accelerate(build_pipeline("sd"), "deepcache:interval=3,branch=1")
@@ -87,9 +98,14 @@ def test_inductor_compiled_unet_deepcache():
     assert all("torch.compiler.disable" in reason for reason in graph_breaks())
 
 
-def test_compiled_quantized_and_cached_dit_keeps_its_graphs():
+@pytest.mark.parametrize("freezing", [False, True])
+def test_compiled_quantized_and_cached_dit_keeps_its_graphs(monkeypatch, freezing):
+    """With inductor's freezing, dynamo bakes every tensor reached through a module into the graph (guarded by
+    identity): the step index and cached features must reach compiled code another way, or each step and each
+    refreshed cache compiles a new graph (past the recompile limit: eager)."""
     from diffcache.quant import calibrate
 
+    monkeypatch.setattr(torch._inductor.config, "freezing", freezing)  # read by dynamo, whatever the backend
     pipe = build_pipeline("dit")
     calibration = calibrate(pipe, [1, 2], "w8a8", num_inference_steps=6, guidance_scale=4.0, progress=False)
     diffcache.accelerate(pipe, "fora:interval=2", quant=calibration)
