@@ -13,7 +13,17 @@ import torch
 from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
 from .errors import DiffcacheError, UnsupportedModelError
 from .quant import CacheCorrection, QuantCalibration, QuantConfig, resolve_quant
-from .runtime import QUANT_HOOK, CacheSummary, Executor, add_hooks, attach, detach, find_attachment, suspended
+from .runtime import (
+    QUANT_HOOK,
+    CacheSummary,
+    Executor,
+    add_hooks,
+    attach,
+    check_detachable,
+    detach,
+    find_attachment,
+    suspended,
+)
 from .schedule import Schedule
 from .schedules.presets import build_from_tag
 
@@ -32,6 +42,7 @@ def accelerate(
     units: str | Sequence[str] | None = None,
     quant: QuantConfig | QuantCalibration | str | os.PathLike | None = None,
     correction: CacheCorrection | str | os.PathLike | None = None,
+    keep_float_weights: bool = True,
 ) -> Pipeline:
     """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
 
@@ -50,6 +61,9 @@ def accelerate(
             `torch._int_mm` on CUDA; float32 or bf16 models), the rest in simulation; `summary` says which.
         correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
             per-step, per-channel correction of the reused UNet branch feature.
+        keep_float_weights: with ``quant``, keep the quantized layers' float weights beside their int8 ones (the
+            default), so `restore` is exact. ``False`` frees them, so the weights really shrink (int8 layers to a
+            quarter of float32); the pipeline then cannot be restored or accelerated again (reload the model).
 
     Calling it on an already accelerated pipeline replaces the plan. `restore` undoes it bit-exactly.
 
@@ -57,8 +71,10 @@ def accelerate(
         ScheduleError: the schedule is malformed or does not fit this model.
         UnsupportedModelError: no adapter applies to the denoiser (the message says how to pass ``units=``).
         QuantError: ``quant`` is unknown, unreadable, or calibrated for another model.
+        AccelerationStateError: the pipeline's float weights were released by an earlier call.
     """
     denoiser, scheduler = _parts(pipe)
+    check_detachable(denoiser)
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
     quant = resolve_quant(quant)
@@ -77,6 +93,12 @@ def accelerate(
     detach(denoiser)
     attach(denoiser, executor, granularity)
     add_hooks(denoiser, hooks, QUANT_HOOK)
+    if quant is not None and not keep_float_weights:
+        from .quant.hooks import release_float_weights
+
+        freed = release_float_weights(hooks)
+        find_attachment(denoiser).released = True
+        executor.quant_note += f"; float weights released ({freed / 2**20:.1f} MiB freed)"
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 
@@ -84,6 +106,7 @@ def accelerate(
 def restore(pipe: Pipeline) -> Pipeline:
     """Remove every diffcache hook and wrapper from ``pipe`` (in place); outputs are bit-identical to never
     having accelerated it, and cached tensors are freed. A pipeline that is not accelerated is left as is.
+    Raises `AccelerationStateError` (and changes nothing) if ``keep_float_weights=False`` freed the float weights.
 
     A ``torch.compile``'d denoiser keeps graphs specialized to the cached steps; call ``torch._dynamo.reset()``
     after restoring it, or dynamo may hit its recompile limit and run parts of it uncompiled."""

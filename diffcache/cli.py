@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     conditional = is_class_conditional(pipe)
     if conditional == (args.class_label is None):
         args.parser.error(f"{type(pipe).__name__} takes {'--class-label' if conditional else '--prompt'}")
-    accelerate(pipe, args.schedule, quant=args.quant)
+    accelerate(pipe, args.schedule, quant=args.quant, keep_float_weights=False)  # one image, nothing to restore
     condition = args.class_label if conditional else args.prompt
     kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
     Image.fromarray(to_uint8(pipe(**kwargs).images[0])).save(args.out)

@@ -69,7 +69,8 @@ def test_quantize_then_run_quantized(tmp_path, capsys):
     out = tmp_path / "q.png"
     assert main(["run", "--pipeline", str(tmp_path / "dit"), "--schedule", "fora:interval=2", "--class-label", "3",
                  "--steps", "4", "--quant", str(calibration), "--out", str(out)]) == 0
-    assert "simulated" in capsys.readouterr().out and out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "simulated" in printed and "MiB freed" in printed and out.stat().st_size > 0
     assert main(["run", "--pipeline", str(tmp_path / "dit"), "--class-label", "3", "--steps", "6", "--quant",
                  str(calibration), "--out", str(out)]) == 1
     assert "calibrated for 4 steps" in capsys.readouterr().err

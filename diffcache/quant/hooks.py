@@ -120,6 +120,17 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     return hooks, note
 
 
+def release_float_weights(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int:
+    """Free the float weights of the layers the quantized ``hooks`` run (their hooks hold what runs: an int8 kernel
+    or the rounded weight); returns the bytes freed. The parameters stay, empty, so dtype/device moves still work."""
+    freed = 0
+    for module, hook in hooks:
+        if isinstance(hook, QuantLayerHook):
+            freed += module.weight.numel() * module.weight.element_size()
+            module.weight.data = module.weight.data.new_empty(0)
+    return freed
+
+
 _KERNEL_NAMES = {"onednn": "oneDNN", "intmm": "torch._int_mm"}
 
 
@@ -137,4 +148,4 @@ def _backend(config: QuantConfig, module: torch.nn.Module) -> str | None:
     return found
 
 
-__all__ = ["QuantLayerHook", "TemporalLookupHook", "quant_hooks"]
+__all__ = ["QuantLayerHook", "TemporalLookupHook", "quant_hooks", "release_float_weights"]

@@ -1,6 +1,16 @@
 """The executor: hooks, per-generation state, step counter and cache store (ARCHITECTURE section 3)."""
 
-from .attach import QUANT_HOOK, add_hooks, attach, bind, detach, find_attachment, planned, suspended
+from .attach import (
+    QUANT_HOOK,
+    add_hooks,
+    attach,
+    bind,
+    check_detachable,
+    detach,
+    find_attachment,
+    planned,
+    suspended,
+)
 from .executor import Executor
 from .manual import Generation, generation
 from .stats import CacheSummary
@@ -13,6 +23,7 @@ __all__ = [
     "add_hooks",
     "attach",
     "bind",
+    "check_detachable",
     "detach",
     "find_attachment",
     "generation",

@@ -43,6 +43,19 @@ class Attachment:
     granularity: str
     hooked: list[tuple[torch.nn.Module, str, bool]] = field(default_factory=list)  # module, hook, new registry
     scheduler_saved: dict[str, Any] = field(default_factory=dict)
+    extra: list[tuple[torch.nn.Module, Any, str]] = field(default_factory=list)  # `add_hooks`'s, kept for `suspended`
+    released: bool = False  # the quantized layers' float weights were freed: nothing to detach back to
+
+
+def check_detachable(denoiser: torch.nn.Module) -> None:
+    """Raise `AccelerationStateError` if ``denoiser`` cannot run unaccelerated any more (its float weights were
+    released)."""
+    attachment = find_attachment(denoiser)
+    if attachment is not None and attachment.released:
+        raise AccelerationStateError(
+            "the float weights of this quantized denoiser were released (accelerate(..., keep_float_weights=False)), "
+            "so it cannot be restored, suspended or accelerated again; reload the model (from_pretrained) for that"
+        )
 
 
 def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> Attachment:
@@ -79,6 +92,7 @@ def add_hooks(denoiser: torch.nn.Module, hooks: list[tuple[torch.nn.Module, Any]
         raise AccelerationStateError("add_hooks needs an attached denoiser; call attach first")
     for module, hook in hooks:
         _register(attachment, module, hook, name)
+        attachment.extra.append((module, hook, name))
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
 
 
@@ -89,7 +103,9 @@ def find_attachment(denoiser: torch.nn.Module) -> Attachment | None:
 
 
 def detach(denoiser: torch.nn.Module) -> Executor | None:
-    """Remove everything `attach` added to ``denoiser``; returns its executor, or None if nothing was attached."""
+    """Remove everything `attach` and `add_hooks` added to ``denoiser``; returns its executor, or None if nothing
+    was attached. Raises `AccelerationStateError` where the float weights were released (see `check_detachable`)."""
+    check_detachable(denoiser)
     attachment = find_attachment(denoiser)
     if attachment is None:
         return None
@@ -117,7 +133,8 @@ def detach(denoiser: torch.nn.Module) -> Executor | None:
 
 @contextmanager
 def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
-    """Run ``denoiser`` unaccelerated inside the block (e.g. to measure the full model); its plan comes back after."""
+    """Run ``denoiser`` unaccelerated inside the block (e.g. to measure the full model); its plan (and its
+    quantized layers) come back after."""
     previous = find_attachment(denoiser)
     detach(denoiser)
     try:
@@ -126,6 +143,8 @@ def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
         detach(denoiser)
         if previous is not None:
             attach(denoiser, previous.executor, previous.granularity)
+            for name in dict.fromkeys(name for _, _, name in previous.extra):
+                add_hooks(denoiser, [(m, h) for m, h, n in previous.extra if n == name], name)
 
 
 @contextmanager

@@ -247,3 +247,43 @@ def test_a_bad_quantization_keeps_the_previous_plan():
         diffcache.accelerate(pipe, "uniform:interval=3", quant="w8a8")
     assert diffcache.summary(pipe).tag == "fora:interval=2"
     assert np.array_equal(run(pipe, "dit"), before)
+
+
+def test_quantized_layers_survive_a_nested_accelerated_block(dit, calibrations):
+    """`accelerated` (and searches, calibrations) suspend the plan and put it back: the quantized layers too."""
+    _, per_step = calibrations
+    full = generate(dit)
+    with diffcache.accelerated(dit, "none", quant=per_step):
+        quantized = generate(dit)
+        with diffcache.accelerated(dit, "uniform:interval=2"):
+            assert diffcache.summary(dit).quant is None
+            generate(dit)
+        assert np.array_equal(generate(dit), quantized)
+        assert "int8" in diffcache.summary(dit).quant
+    assert np.array_equal(generate(dit), full)
+
+
+def test_released_float_weights_shrink_the_model_and_forbid_restore(dit, calibrations):
+    _, per_step = calibrations
+    pipe = copy.deepcopy(dit)
+    with diffcache.accelerated(dit, "uniform:interval=2", quant=per_step):
+        kept = generate(dit)
+
+    def weight_bytes():
+        tensors = [p for p in pipe.transformer.parameters()]
+        for module in pipe.transformer.modules():  # int8 kernels hang off the quantized layers' hooks
+            hook = getattr(module, "_diffusers_hook", None)
+            kernel = getattr(hook.get_hook("diffcache.quant"), "kernel", None) if hook is not None else None
+            tensors += [] if kernel is None else [kernel.packed, kernel.scale]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    float_bytes = weight_bytes()
+    diffcache.accelerate(pipe, "uniform:interval=2", quant=per_step, keep_float_weights=False)
+    assert np.array_equal(generate(pipe), kept)  # the float weights were not used
+    quantized = sum(dit.transformer.get_submodule(name).weight.numel() for name in per_step.layers)
+    assert weight_bytes() < float_bytes - 2.5 * quantized  # 4 bytes per weight -> 1 (+ oneDNN's packing)
+    assert "MiB freed" in diffcache.summary(pipe).quant
+    for undo in (diffcache.restore, lambda p: diffcache.accelerate(p, "none")):
+        with pytest.raises(AccelerationStateError, match="released"):
+            undo(pipe)
+        assert np.array_equal(generate(pipe), kept)  # the refusal changed nothing
