@@ -60,7 +60,8 @@ def accelerate(
             8-bit layers run real int8 where a kernel exists (Linear and Conv2d with oneDNN on CPU, Linear with
             `torch._int_mm` on CUDA; float32 or bf16 models), the rest in simulation; `summary` says which.
         correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
-            per-step, per-channel correction of the reused UNet branch feature.
+            per-step, per-channel correction of the reused UNet branch feature, and, if it was fitted with
+            ``quant=``, of the quantization error of the convolutions reading it (then pass that same ``quant``).
         keep_float_weights: with ``quant``, keep the quantized layers' float weights beside their int8 ones (the
             default), so `restore` is exact. ``False`` frees them, so the weights really shrink (int8 layers to a
             quarter of float32); the pipeline then cannot be restored or accelerated again (reload the model).
@@ -82,6 +83,7 @@ def accelerate(
         correction = CacheCorrection.load(correction)
     if correction is not None:
         correction.check(adapter, plan_for(correction.num_steps))
+        correction.check_quant(quant)
     executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None)
     executor.correction = correction
     hooks = []
@@ -89,6 +91,8 @@ def accelerate(
         from .quant.hooks import quant_hooks
 
         hooks, executor.quant_note = quant_hooks(adapter, quant, executor)
+        if correction is not None:
+            correction.correct_layers(hooks)
         logger.info("diffcache: %s", executor.quant_note)
     detach(denoiser)
     attach(denoiser, executor, granularity)

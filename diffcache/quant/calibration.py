@@ -9,6 +9,8 @@ calibration plus the same weights reproduce the quantized model exactly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -67,6 +69,13 @@ class QuantCalibration:
     @property
     def num_steps(self) -> int:
         return int(self.ranges.shape[1])
+
+    @property
+    def key(self) -> str:
+        """Identifies the quantized model this calibration gives (config and ranges), for artifacts fitted on it."""
+        digest = hashlib.sha1(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(self.ranges, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
 
     def check(self, adapter: Adapter) -> None:
         """Raise `QuantError` unless this calibration was made on ``adapter``'s architecture and layers."""

@@ -1,17 +1,26 @@
-"""CacheQuant's decoupled error correction, cache part (specs/algorithms.md section 5, "DEC").
+"""CacheQuant's decoupled error correction (specs/algorithms.md section 5, "DEC"), both halves.
 
-On a DeepCache step ``k`` the UNet reuses the branch feature ``F_b`` of the last key step ``a``. CacheQuant
-replaces it with ``alpha_k * F_b(a) + beta_k``: one affine map per step and channel, fitted in closed form
-(least squares over batch and positions) on the full model's own trajectory, ``X = F_b(a)`` (what the cache
-holds) against ``Y = F_b(k)`` (what the step should have seen). It costs one multiply-add per reuse step and
-``2 x steps x channels`` numbers, and it is tied to the schedule it was fitted for.
+Cache error: on a DeepCache step ``k`` the UNet reuses the branch feature ``F_b`` of the last key step ``a``.
+CacheQuant replaces it with ``alpha_k * F_b(a) + beta_k``: one affine map per step and channel, fitted in closed
+form (least squares over batch and positions) on the full model's own trajectory, ``X = F_b(a)`` (what the cache
+holds) against ``Y = F_b(k)`` (what the step should have seen).
+
+Quantization error (with ``quant=``): the convolutions that read the reused feature (``conv1`` and
+``conv_shortcut`` of the decoder resnet consuming it) get one affine map per step and output channel, fitted from
+their quantized output (``X``) to their float output (``Y``) on the same float inputs, and applied at every step,
+as CacheQuant's code does. CacheQuant splits those convolutions into the cached and the fresh skip channels and
+corrects the cached part only; here the concatenated input has one activation quantizer, so the correction is
+fitted on the whole output.
+
+Both cost a multiply-add per channel and ``2 x steps x channels`` numbers, and are tied to the schedule (and the
+quantization calibration) they were fitted for.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +33,7 @@ from ..files import load_npz, save_npz
 from ..runtime import Executor, attach, detach, suspended
 from ..schedule import Schedule
 from ..schedules.calibrate import CalibrationData, conditions_from
+from .calibration import QuantCalibration
 
 _FORMAT = "diffcache.cache-correction/1"
 
@@ -31,12 +41,16 @@ _FORMAT = "diffcache.cache-correction/1"
 @dataclass
 class CacheCorrection:
     """Per-step affine corrections of the reused UNet branch feature (``alpha[k] = 1, beta[k] = 0`` where step
-    ``k`` reuses nothing). ``plan`` is the schedule's bit string it was fitted for."""
+    ``k`` reuses nothing). ``plan`` is the schedule's bit string it was fitted for. ``layers`` maps the quantized
+    convolutions reading that feature to their ``(alpha, beta)``, ``(steps, out_channels)`` each, fitted for the
+    quantization calibration whose `QuantCalibration.key` is ``quant_key``."""
 
     model: dict[str, str]
     plan: str
     alpha: list[np.ndarray | None]
     beta: list[np.ndarray | None]
+    layers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    quant_key: str = ""
 
     @property
     def num_steps(self) -> int:
@@ -54,6 +68,22 @@ class CacheCorrection:
         if schedule.forecast:
             raise QuantError("a cache correction corrects copies of the cache; it does not apply to forecast=1")
 
+    def check_quant(self, quant: Any) -> None:
+        """Raise `QuantError` unless the quantization-error part (if any) was fitted for ``quant``."""
+        key = getattr(quant, "key", None)
+        if self.layers and key != self.quant_key:
+            raise QuantError("this correction's quantization-error part was fitted for "
+                             + ("another quantization calibration" if key else "a quantized model")
+                             + "; pass that calibration as quant=, or fit it again with "
+                             "diffcache.quant.fit_cache_correction(..., quant=calibration)")
+
+    def correct_layers(self, hooks: Sequence[tuple[torch.nn.Module, Any]]) -> None:
+        """Give the quantized layers' hooks (`diffcache.quant.hooks.quant_hooks`) their output corrections."""
+        for module, hook in hooks:
+            if getattr(hook, "name", None) in self.layers:
+                device = next(module.parameters()).device
+                hook.out_fix = tuple(torch.as_tensor(t, device=device) for t in self.layers[hook.name])
+
     def at(self, step: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(alpha, beta)`` shaped ``(1, C, 1, 1)`` for step ``step`` (None where nothing is reused)."""
         if step >= self.num_steps or self.alpha[step] is None:
@@ -63,9 +93,12 @@ class CacheCorrection:
                 torch.as_tensor(self.beta[step], dtype=like.dtype, device=like.device).view(shape))
 
     def save(self, path: str | os.PathLike) -> None:
-        header = {"model": self.model, "plan": self.plan, "steps": [a is not None for a in self.alpha]}
+        header = {"model": self.model, "plan": self.plan, "steps": [a is not None for a in self.alpha],
+                  "layers": list(self.layers), "quant_key": self.quant_key}
         arrays = {f"{name}_{k}": value for name, values in (("alpha", self.alpha), ("beta", self.beta))
                   for k, value in enumerate(values) if value is not None}
+        arrays |= {f"layer_{kind}_{i}": pair[j] for i, pair in enumerate(self.layers.values())
+                   for j, kind in enumerate(("alpha", "beta"))}
         save_npz(path, _FORMAT, header, arrays)
 
     @classmethod
@@ -75,7 +108,9 @@ class CacheCorrection:
             used = header["steps"]
             alpha = [data[f"alpha_{k}"] if u else None for k, u in enumerate(used)]
             beta = [data[f"beta_{k}"] if u else None for k, u in enumerate(used)]
-            return cls(header["model"], header["plan"], alpha, beta)
+            layers = {name: (data[f"layer_alpha_{i}"], data[f"layer_beta_{i}"])
+                      for i, name in enumerate(header["layers"])}
+            return cls(header["model"], header["plan"], alpha, beta, layers, header["quant_key"])
         except (OSError, ValueError, KeyError) as err:
             raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache cache correction ({err})") from None
 
@@ -107,12 +142,16 @@ def fit_cache_correction(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    quant: QuantCalibration | None = None,
     progress: bool = True,
 ) -> CacheCorrection:
-    """Fit the per-step, per-channel correction of ``schedule``'s reused UNet branch features on ``prompts``.
+    """Fit the per-step, per-channel correction of ``schedule``'s reused UNet branch features on ``prompts``;
+    with ``quant``, also the quantization-error correction of the convolutions reading them (deploy with the
+    same ``quant`` and ``schedule``: ``accelerate(pipe, schedule, quant=quant, correction=...)``).
 
     Raises:
         UnsupportedModelError: the denoiser is not a UNet (DeepCache branch features).
+        QuantError: ``quant`` was calibrated for another model or step count.
     """
     from ..schedules.presets import build_from_tag
 
@@ -127,9 +166,15 @@ def fit_cache_correction(
     adapter.check_schedule(plan)
     pairs = _reuse_pairs(plan.recompute[:, :, 0])  # step -> (branch, key step)
     fits = {step: ChannelFit() for step in pairs}
+    branches = {b for b, _ in pairs.values()}
+    if quant is not None:
+        quant.check(adapter)
+        if quant.num_steps != steps:
+            raise QuantError(f"the quantization calibration is for {quant.num_steps} steps, the correction for {steps}")
     with suspended(denoiser):
-        recorder = _FeatureRecorder(adapter, plan, pipe, {b for b, _ in pairs.values()})
+        recorder = _FeatureRecorder(adapter, plan, pipe, branches)
         attach(denoiser, recorder, plan.granularity)
+        layer_fits = _QuantErrorFits(adapter, branches, quant, recorder, steps) if quant is not None else None
         try:
             for kwargs in tqdm(data.batches(pipe), desc="cache correction", disable=not progress):
                 pipe(**kwargs)
@@ -137,11 +182,54 @@ def fit_cache_correction(
                     fits[step].add(recorder.features[(branch, key)], recorder.features[(branch, step)])
         finally:
             detach(denoiser)
+            if layer_fits is not None:
+                layer_fits.remove()
     alpha: list[np.ndarray | None] = [None] * steps
     beta: list[np.ndarray | None] = [None] * steps
     for step, fit in fits.items():
         alpha[step], beta[step] = fit.solve()
-    return CacheCorrection(adapter.model_info, _plan_key(plan), alpha, beta)
+    layers = layer_fits.solve() if layer_fits is not None else {}
+    return CacheCorrection(adapter.model_info, _plan_key(plan), alpha, beta, layers,
+                           quant.key if quant is not None else "")
+
+
+class _QuantErrorFits:
+    """Forward hooks on the quantized convolutions reading the reused branch features: at every step they run the
+    layer quantized on the float input and accumulate the per-channel fit of the float output on it."""
+
+    def __init__(self, adapter: Adapter, branches: set[int], quant: QuantCalibration, clock: Executor,
+                 steps: int) -> None:
+        from .hooks import layer_hook
+
+        index = {name: i for i, name in enumerate(quant.layers)}
+        names = {module: name for name, module in adapter.denoiser.named_modules()}
+        convs = [getattr(layer.module, attr) for layer in adapter.layers if layer.consumes in branches
+                 for attr in ("conv1", "conv_shortcut") if getattr(layer.module, attr, None) is not None]
+        self.fits = {names[conv]: [ChannelFit() for _ in range(steps)] for conv in convs if names[conv] in index}
+        self.handles = []
+        for conv in convs:
+            name = names[conv]
+            if name in self.fits:
+                hook, _ = layer_hook(conv, name, index[name], quant, clock)
+                self.handles.append(conv.register_forward_hook(self._recorder(hook, self.fits[name], clock)))
+
+    @staticmethod
+    def _recorder(hook: Any, fits: list[ChannelFit], clock: Executor) -> Any:
+        def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if clock.step < len(fits):
+                fits[clock.step].add(hook.new_forward(module, *args), output)
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def solve(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        solved = {}
+        for name, fits in self.fits.items():
+            pairs = [fit.solve() for fit in fits]
+            solved[name] = (np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs]))
+        return solved
 
 
 class ChannelFit:

@@ -26,33 +26,45 @@ from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_sc
 
 class QuantLayerHook(ModelHook):
     """Replaces a Linear/Conv2d forward with its quantized version at the executor's current step: a real int8
-    ``kernel`` when given, else the fake-quantized ``weight``."""
+    ``kernel`` when given, else the fake-quantized ``weight``. ``out_fix`` (CacheQuant's quantization-error
+    correction) maps the output per step and channel, ``alpha[step] * y + beta[step]``."""
 
     def __init__(self, clock: Executor, weight: torch.Tensor | None, scale: torch.Tensor | None,
                  zero: torch.Tensor | None, name: str, kernel: Int8Kernel | None = None) -> None:
         super().__init__()
         self.clock, self.weight, self.scale, self.zero, self.name = clock, weight, scale, zero, name
         self.kernel = kernel
+        self.out_fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        if self.scale is not None:
-            steps, plan = len(self.scale), self.clock.plan
-            if plan is None or plan.num_steps != steps:
-                raise AccelerationStateError(
-                    f"{self.name}: activation ranges were calibrated for {steps} steps, but this generation runs "
-                    f"{plan.num_steps if plan is not None else 'no'}; calibrate the quantization for this "
-                    "num_inference_steps"
-                )
-            # The step as a tensor (a compiled denoiser needs no graph per step); past the end, the last range.
-            index = self.clock.step_index.clamp(max=steps - 1).view(1)
-            scale, zero = self.scale.index_select(0, index)[0], self.zero.index_select(0, index)[0]
-            if self.kernel is not None:
-                return self.kernel(x, scale, zero)
-            x = fake_quant_act(x, scale, zero).to(x.dtype)
-        if isinstance(module, torch.nn.Linear):
-            return F.linear(x, self.weight, module.bias)
-        return module._conv_forward(x, self.weight, module.bias)
+        if self.scale is None:
+            return _float_layer(module, x, self.weight)
+        steps, plan = len(self.scale), self.clock.plan
+        if plan is None or plan.num_steps != steps:
+            raise AccelerationStateError(
+                f"{self.name}: activation ranges were calibrated for {steps} steps, but this generation runs "
+                f"{plan.num_steps if plan is not None else 'no'}; calibrate the quantization for this "
+                "num_inference_steps"
+            )
+        # The step as a tensor (a compiled denoiser needs no graph per step); past the end, the last range.
+        index = self.clock.step_index.clamp(max=steps - 1).view(1)
+        scale, zero = self.scale.index_select(0, index)[0], self.zero.index_select(0, index)[0]
+        if self.kernel is not None:
+            y = self.kernel(x, scale, zero)
+        else:
+            y = _float_layer(module, fake_quant_act(x, scale, zero).to(x.dtype), self.weight)
+        if self.out_fix is None:
+            return y
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        alpha, beta = (t.index_select(0, index).view(shape).to(y.dtype) for t in self.out_fix)
+        return y * alpha + beta
+
+
+def _float_layer(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, torch.nn.Linear):
+        return F.linear(x, weight, module.bias)
+    return module._conv_forward(x, weight, module.bias)
 
 
 class TemporalLookupHook(ModelHook):
@@ -95,19 +107,9 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     hooks: list[tuple[torch.nn.Module, ModelHook]] = []
     counts: Counter[str] = Counter()
     for index, (name, module) in enumerate(quantizable_layers(adapter.denoiser, config)):
-        with torch.no_grad():
-            scales = weight_scales(module.weight, config.weight_bits, config.weight_range)
-            scale = zero = kernel = weight = None
-            if config.act_bits is not None:
-                ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
-                scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
-            backend = _backend(config, module) if scale is not None else None
-            if backend is not None:
-                kernel = int8_layer(module, scales, config.weight_bits, backend)
-            else:
-                weight = fake_quant_weight(module.weight, scales, config.weight_bits)
-            counts[backend or "fake"] += 1
-        hooks.append((module, QuantLayerHook(clock, weight, scale, zero, name, kernel)))
+        hook, backend = layer_hook(module, name, index, quant, clock)
+        counts[backend or "fake"] += 1
+        hooks.append((module, hook))
     if isinstance(quant, QuantCalibration) and config.temporal_lookup:
         modules = dict(temporal_modules(adapter.denoiser))
         for name, (inputs, outputs) in quant.temporal.items():
@@ -131,6 +133,24 @@ def release_float_weights(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int
     return freed
 
 
+def layer_hook(module: torch.nn.Module, name: str, index: int, quant: QuantConfig | QuantCalibration,
+               clock: Executor | None) -> tuple[QuantLayerHook, str | None]:
+    """The hook running quantizable layer number ``index`` (``name``), and its int8 backend (None: simulated)."""
+    config = quant.config if isinstance(quant, QuantCalibration) else quant
+    with torch.no_grad():
+        scales = weight_scales(module.weight, config.weight_bits, config.weight_range)
+        scale = zero = kernel = weight = None
+        if config.act_bits is not None:
+            ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
+            scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
+        backend = _backend(config, module) if scale is not None else None
+        if backend is not None:
+            kernel = int8_layer(module, scales, config.weight_bits, backend)
+        else:
+            weight = fake_quant_weight(module.weight, scales, config.weight_bits)
+    return QuantLayerHook(clock, weight, scale, zero, name, kernel), backend
+
+
 _KERNEL_NAMES = {"onednn": "oneDNN", "intmm": "torch._int_mm"}
 
 
@@ -148,4 +168,4 @@ def _backend(config: QuantConfig, module: torch.nn.Module) -> str | None:
     return found
 
 
-__all__ = ["QuantLayerHook", "TemporalLookupHook", "quant_hooks", "release_float_weights"]
+__all__ = ["QuantLayerHook", "TemporalLookupHook", "layer_hook", "quant_hooks", "release_float_weights"]

@@ -66,3 +66,41 @@ def test_correction_runs_saves_and_checks(tmp_path):
     with pytest.raises(UnsupportedModelError, match="not a UNet"):
         fit_cache_correction(build_pipeline("dit"), [1], "uniform:interval=2", num_inference_steps=4,
                              progress=False)
+
+
+def test_quantization_error_correction_of_the_layers_reading_the_cache(tmp_path):
+    """CacheQuant's second half on the trained digits UNet, W8A8 with DeepCache 1-in-3: the convolutions reading the
+    reused feature get per-step, per-channel output maps that bring them closer to the float model."""
+    from diffcache.models import GUIDANCE_SCALE, load_pipeline
+    from diffcache.quant import calibrate
+
+    pipe = load_pipeline("digits-unet")
+    pipe.set_progress_bar_config(disable=True)
+    tag, steps, labels = "deepcache:interval=3", 10, list(range(10)) * 2
+    settings = dict(num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, batch_size=20, progress=False)
+    quant = calibrate(pipe, labels, "w8a8", schedule=tag, **settings)
+    cache_only = fit_cache_correction(pipe, labels, tag, **settings)
+    both = fit_cache_correction(pipe, labels, tag, quant=quant, **settings)
+    assert sorted(both.layers) == ["up_blocks.1.resnets.2.conv1", "up_blocks.1.resnets.2.conv_shortcut"]
+    alpha, beta = both.layers["up_blocks.1.resnets.2.conv1"]
+    assert alpha.shape == beta.shape == (steps, 32) and 0.9 < alpha.mean() < 1.1 and np.abs(alpha - 1).max() > 1e-3
+
+    def generate():
+        return pipe(class_labels=[3, 7, 1, 9, 0, 5, 2, 8] * 2, num_inference_steps=steps, output_type="np",
+                    guidance_scale=GUIDANCE_SCALE, generator=torch.Generator().manual_seed(1000)).images
+
+    full = generate()
+    quality = {}
+    for name, correction in (("none", None), ("cache", cache_only), ("both", both)):
+        with diffcache.accelerated(pipe, tag, quant=quant, correction=correction):
+            quality[name] = psnr(generate(), full)
+    assert quality["none"] < quality["cache"] < quality["both"], quality  # measured: 24.7 < 25.0 < 25.2 dB
+    both.save(tmp_path / "both.npz")
+    with diffcache.accelerated(pipe, tag, quant=quant, correction=str(tmp_path / "both.npz")):
+        assert psnr(generate(), full) == quality["both"]
+    with pytest.raises(QuantError, match="fitted for a quantized model"):
+        diffcache.accelerate(pipe, tag, correction=both)
+    other = calibrate(pipe, labels[:10], "w8a8", schedule=tag, **settings)
+    with pytest.raises(QuantError, match="another quantization calibration"):
+        diffcache.accelerate(pipe, tag, quant=other, correction=both)
+    assert np.array_equal(generate(), full)  # the refused calls left the pipeline as it was
