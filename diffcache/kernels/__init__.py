@@ -26,13 +26,15 @@ def int8_backend(module: torch.nn.Module) -> str | None:
     return "intmm" if module.weight.device.type == "cuda" and intmm_supports(module) else None
 
 
-def int8_layer(module: torch.nn.Module, scale: torch.Tensor, bits: int = 8, backend: str = "onednn") -> Int8Kernel:
-    """``module``'s weight quantized with the per-channel ``scale`` and prepared for ``backend``."""
+def int8_layer(module: torch.nn.Module, scale: torch.Tensor, bits: int = 8, backend: str = "onednn",
+               up: torch.Tensor | None = None) -> Int8Kernel:
+    """``module``'s weight quantized with the per-channel ``scale`` (and learned rounding ``up``, if given) and
+    prepared for ``backend``."""
     if backend == "intmm":
-        return IntMMLinear(module.weight, scale, module.bias, bits)
+        return IntMMLinear(module.weight, scale, module.bias, bits, up)
     if isinstance(module, torch.nn.Conv2d):
-        return OneDNNConv2d(module, scale, bits)
-    return OneDNNLinear(module.weight, scale, module.bias, bits)
+        return OneDNNConv2d(module, scale, bits, up)
+    return OneDNNLinear(module.weight, scale, module.bias, bits, up)
 
 
 __all__ = ["BACKENDS", "Int8Kernel", "IntMMLinear", "OneDNNConv2d", "OneDNNLinear", "int8_backend", "int8_layer",

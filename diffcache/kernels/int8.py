@@ -6,14 +6,24 @@ from __future__ import annotations
 import torch
 
 
-class Int8Layer:
-    """A layer's weight rounded once to signed ``bits`` per output channel (``scale`` per channel), plus the
-    rounding of its input with a ``(scale, zero_point)`` given at each call (0-d tensors: the current step's)."""
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, up: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The signed ``bits`` integers (as floats) of ``weight`` on the grid ``scale[c] * k`` of its output channel:
+    rounded to nearest, or, given ``up`` (a learned rounding, e.g. AdaRound's), floored plus ``up``."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ratio = weight / scale.view((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
+    codes = torch.round(ratio) if up is None else torch.floor(ratio) + up.to(ratio.dtype)
+    return torch.clamp(codes, low, high)
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        self.qweight = torch.clamp(torch.round(weight.detach().float() / scale.view(shape)), low, high).to(torch.int8)
+
+class Int8Layer:
+    """A layer's weight rounded once to signed ``bits`` per output channel (``scale`` per channel; ``up``: a
+    learned rounding, see `weight_codes`), plus the rounding of its input with a ``(scale, zero_point)`` given at
+    each call (0-d tensors: the current step's)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 up: torch.Tensor | None = None) -> None:
+        self.qweight = weight_codes(weight.detach().float(), scale.float(), bits, up).to(torch.int8)
         self.scale = scale.detach().float().contiguous()
         self.zero = torch.zeros_like(self.scale, dtype=torch.int64)
         self.bias = bias
@@ -31,4 +41,4 @@ class Int8Layer:
         return codes.to(torch.int8 if offset else torch.uint8), bias, dtype
 
 
-__all__ = ["Int8Layer"]
+__all__ = ["Int8Layer", "weight_codes"]

@@ -20,8 +20,9 @@ _MIN_ROWS = 17  # CUDA's _int_mm wants more than 16 rows
 class IntMMLinear(Int8Layer):
     """A Linear layer's int8 weight (stored transposed, column-major as cuBLASLt wants) and its row sums."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> None:
-        super().__init__(weight, scale, bias, bits)
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 8,
+                 up: torch.Tensor | None = None) -> None:
+        super().__init__(weight, scale, bias, bits, up)
         self.weight_t = self.qweight.t()
         self.row_sums = self.qweight.sum(dim=1, dtype=torch.int32)
 

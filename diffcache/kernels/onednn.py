@@ -60,8 +60,9 @@ class OneDNNLinear(Int8Layer):
     """A Linear layer's weight quantized and prepacked once; :meth:`__call__` runs it with the given activation
     range, so one prepacked weight serves every step."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> None:
-        super().__init__(weight, scale, bias, bits)
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 8,
+                 up: torch.Tensor | None = None) -> None:
+        super().__init__(weight, scale, bias, bits, up)
         self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
         del self.qweight  # the packed copy is the one that runs
 
@@ -76,8 +77,9 @@ class OneDNNConv2d(Int8Layer):
     """A Conv2d (zero padding) likewise. The activation scale the prepack asks for is only a layout hint: the run
     takes the step's own (checked in the tests). Output is channels-last, as oneDNN computes it."""
 
-    def __init__(self, conv: torch.nn.Conv2d, scale: torch.Tensor, bits: int = 8) -> None:
-        super().__init__(conv.weight, scale, conv.bias, bits)
+    def __init__(self, conv: torch.nn.Conv2d, scale: torch.Tensor, bits: int = 8, up: torch.Tensor | None = None
+                 ) -> None:
+        super().__init__(conv.weight, scale, conv.bias, bits, up)
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         stride, padding, dilation, groups = self.geometry
         self.packed = torch.ops.onednn.qconv_prepack(self.qweight, self.scale, 1.0, 0, stride, padding, dilation,

@@ -30,6 +30,7 @@ from ..runtime import Executor, attach, detach, suspended
 from ..schedule import Schedule
 from ..schedules.calibrate import CalibrationData, conditions_from
 from .config import QuantConfig
+from .reconstruction import learn_rounding, temporal_layers
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class QuantCalibration:
 
     With ``config.per_step=False`` every step holds the range over all steps. ``temporal`` maps each timestep
     MLP's name to its full-precision ``(inputs, outputs)`` rows seen at calibration (``config.temporal_lookup``).
+    ``rounding`` maps temporal layers to their learned weight rounding (``up``, boolean like the weight;
+    ``config.time_reconstruction``).
     """
 
     config: QuantConfig
@@ -65,6 +68,7 @@ class QuantCalibration:
     ranges: np.ndarray
     data_key: str = ""
     temporal: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    rounding: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -75,6 +79,8 @@ class QuantCalibration:
         """Identifies the quantized model this calibration gives (config and ranges), for artifacts fitted on it."""
         digest = hashlib.sha1(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         digest.update(np.ascontiguousarray(self.ranges, dtype=np.float32).tobytes())
+        for name, up in self.rounding.items():
+            digest.update(name.encode() + np.packbits(up).tobytes())
         return digest.hexdigest()[:16]
 
     def check(self, adapter: Adapter) -> None:
@@ -93,9 +99,11 @@ class QuantCalibration:
     def save(self, path: str | os.PathLike) -> None:
         """One ``.npz`` (ranges, temporal tables, JSON header), written atomically."""
         header = {"config": self.config.to_dict(), "model": self.model, "layers": self.layers,
-                  "data_key": self.data_key, "temporal": list(self.temporal)}
+                  "data_key": self.data_key, "temporal": list(self.temporal),
+                  "rounding": {name: list(up.shape) for name, up in self.rounding.items()}}
         tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
                   for j, kind in enumerate(("tin", "tout"))}
+        tables |= {f"round_{i}": np.packbits(up) for i, up in enumerate(self.rounding.values())}
         save_npz(path, _FORMAT, header, {"ranges": self.ranges, **tables})
 
     @classmethod
@@ -105,7 +113,10 @@ class QuantCalibration:
             header, data = load_npz(path, _FORMAT)
             config = QuantConfig(**(header["config"] | {"skip": tuple(header["config"]["skip"])}))
             temporal = {name: (data[f"tin_{i}"], data[f"tout_{i}"]) for i, name in enumerate(header["temporal"])}
-            return cls(config, header["model"], header["layers"], data["ranges"], header["data_key"], temporal)
+            rounding = {name: np.unpackbits(data[f"round_{i}"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+                        for i, (name, shape) in enumerate(header.get("rounding", {}).items())}
+            return cls(config, header["model"], header["layers"], data["ranges"], header["data_key"], temporal,
+                       rounding)
         except FileNotFoundError:
             raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
                              "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
@@ -115,11 +126,12 @@ class QuantCalibration:
 
 
 class _Observer(ModelHook):
-    """Records the low/high (and a strided sample, for percentiles) of a layer's input at each step."""
+    """Records the low/high (and a strided sample, for percentiles) of a layer's input at each step, and, given
+    ``rows``, its distinct input rows with their step (a temporal layer's finite input set)."""
 
-    def __init__(self, clock: Executor, record: dict[int, list]) -> None:
+    def __init__(self, clock: Executor, record: dict[int, list], rows: dict | None = None) -> None:
         super().__init__()
-        self.clock, self.record = clock, record
+        self.clock, self.record, self.rows = clock, record, rows
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = (args[0] if args else kwargs["input"]).detach().float()
@@ -128,6 +140,9 @@ class _Observer(ModelHook):
         entry[1] = max(entry[1], x.max().item())
         flat = x.flatten()
         entry[2].append(flat[:: max(1, flat.numel() // _SAMPLES_PER_CALL)].clone())
+        if self.rows is not None:
+            for row in x.reshape(-1, x.shape[-1]).cpu():
+                self.rows.setdefault((self.clock.step, row.numpy().tobytes()), row.clone())
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
@@ -177,12 +192,17 @@ def calibrate(
         raise QuantError(f"{type(denoiser).__name__} has no nn.Linear / nn.Conv2d layers to quantize "
                          f"(skip={config.skip})")
     records: list[dict[int, list]] = [{} for _ in layers]
+    names = [name for name, _ in layers]
+    reconstructed = [names.index(name) for name, _ in temporal_layers(denoiser, config)] \
+        if config.time_reconstruction else []
+    rows: dict[int, dict] = {index: {} for index in reconstructed}
     times = temporal_modules(denoiser) if config.temporal_lookup else []
     tables: list[dict[bytes, tuple[np.ndarray, np.ndarray]]] = [{} for _ in times]
     with suspended(denoiser):
         clock = Executor(adapter, lambda _n: plan, pipe.scheduler, pipe)
         attach(denoiser, clock, plan.granularity)
-        observed = [(module, _Observer(clock, record)) for (_, module), record in zip(layers, records)]
+        observed = [(module, _Observer(clock, record, rows.get(index)))
+                    for index, ((_, module), record) in enumerate(zip(layers, records))]
         observed += [(module, _TemporalRecorder(table)) for (_, module), table in zip(times, tables)]
         for module, hook in observed:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _OBSERVER_HOOK)
@@ -197,7 +217,21 @@ def calibrate(
     logger.info("diffcache: quantization calibration of %d layers over %d steps", len(layers), steps)
     temporal = {name: (np.stack([i for i, _ in table.values()]), np.stack([o for _, o in table.values()]))
                 for (name, _), table in zip(times, tables)}
-    return QuantCalibration(config, adapter.model_info, [name for name, _ in layers], ranges, data.key(), temporal)
+    rounding = {names[index]: up for index in reconstructed
+                if (up := _learned_rounding(layers[index][1], rows[index], ranges[index], config, names[index]))
+                is not None}
+    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding)
+
+
+def _learned_rounding(layer: torch.nn.Linear, rows: dict, ranges: np.ndarray, config: QuantConfig, name: str
+                      ) -> np.ndarray | None:
+    """TIAR's rounding for a temporal layer, or None where rounding to nearest reconstructs it as well."""
+    steps = torch.tensor([step for step, _ in rows])
+    learned = learn_rounding(layer, torch.stack(list(rows.values())), steps, torch.as_tensor(ranges), config,
+                             config.time_reconstruction)
+    logger.debug("diffcache: %s reconstruction error %.3g (nearest %.3g) on %d rows", name, learned.error,
+                 learned.nearest_error, len(rows))
+    return learned.up.numpy() if learned.error < learned.nearest_error else None
 
 
 def _plan(schedule: Schedule | str | None, adapter: Adapter, steps: int) -> Schedule:

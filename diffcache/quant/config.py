@@ -40,6 +40,9 @@ class QuantConfig:
         temporal_lookup: serve every ``TimestepEmbedding`` (the timestep MLP: a function of ``t`` alone) from a
             table of its full-precision outputs recorded at calibration, keyed by its exact input (TFMQ-DM's
             temporal-feature cache): the time path then costs nothing and carries no quantization error.
+        time_reconstruction: AdaRound iterations per temporal layer (timestep MLP, ``time_emb_proj``, adaptive-norm
+            ``linear``: TFMQ-DM's time-information block), learning each weight's rounding on the conditioning rows
+            seen at calibration; 0 rounds to nearest. Kept per layer only where it beats rounding to nearest.
     """
 
     weight_bits: int = 8
@@ -50,6 +53,7 @@ class QuantConfig:
     per_step: bool = True
     skip: tuple[str, ...] = ()
     temporal_lookup: bool = True
+    time_reconstruction: int = 300
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -63,6 +67,8 @@ class QuantConfig:
             raise QuantError(f"act_range must be one of {ACT_RANGES}, got {self.act_range!r}")
         if self.backend not in BACKENDS:
             raise QuantError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.time_reconstruction < 0:
+            raise QuantError(f"time_reconstruction is a number of iterations (0: off), got {self.time_reconstruction}")
         if not 50 < self.percentile <= 100:
             raise QuantError(f"percentile must be in (50, 100], got {self.percentile!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

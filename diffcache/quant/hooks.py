@@ -144,10 +144,12 @@ def layer_hook(module: torch.nn.Module, name: str, index: int, quant: QuantConfi
             ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
             scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
         backend = _backend(config, module) if scale is not None else None
+        learned = quant.rounding.get(name) if isinstance(quant, QuantCalibration) else None
+        up = None if learned is None else torch.as_tensor(learned, device=module.weight.device)
         if backend is not None:
-            kernel = int8_layer(module, scales, config.weight_bits, backend)
+            kernel = int8_layer(module, scales, config.weight_bits, backend, up)
         else:
-            weight = fake_quant_weight(module.weight, scales, config.weight_bits)
+            weight = fake_quant_weight(module.weight, scales, config.weight_bits, up)
     return QuantLayerHook(clock, weight, scale, zero, name, kernel), backend
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.int8 import weight_codes
+
 MSE_RATIOS = torch.linspace(0.5, 1.0, 26)  # clipping ratios of the channel's absmax tried by the MSE search
 
 
@@ -12,11 +14,12 @@ def weight_levels(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round ``weight`` to the symmetric grid ``scale[c] * {-2^(b-1) .. 2^(b-1)-1}`` of its output channel."""
-    low, high = weight_levels(bits)
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int, up: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Round ``weight`` to the symmetric grid ``scale[c] * {-2^(b-1) .. 2^(b-1)-1}`` of its output channel (to
+    nearest, or with the learned rounding ``up``: see `diffcache.kernels.int8.weight_codes`)."""
     s = scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
-    return torch.clamp(torch.round(weight / s), low, high) * s
+    return weight_codes(weight, scale, bits, up) * s
 
 
 def weight_scales(weight: torch.Tensor, bits: int, method: str = "mse") -> torch.Tensor:

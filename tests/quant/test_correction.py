@@ -70,7 +70,8 @@ def test_correction_runs_saves_and_checks(tmp_path):
 
 def test_quantization_error_correction_of_the_layers_reading_the_cache(tmp_path):
     """CacheQuant's second half on the trained digits UNet, W8A8 with DeepCache 1-in-3: the convolutions reading the
-    reused feature get per-step, per-channel output maps that bring them closer to the float model."""
+    reused feature get per-step, per-channel output maps, fitted on calibration labels, that bring their outputs
+    closer to the float layer's on held-out labels."""
     from diffcache.models import GUIDANCE_SCALE, load_pipeline
     from diffcache.quant import calibrate
 
@@ -84,20 +85,33 @@ def test_quantization_error_correction_of_the_layers_reading_the_cache(tmp_path)
     assert sorted(both.layers) == ["up_blocks.1.resnets.2.conv1", "up_blocks.1.resnets.2.conv_shortcut"]
     alpha, beta = both.layers["up_blocks.1.resnets.2.conv1"]
     assert alpha.shape == beta.shape == (steps, 32) and 0.9 < alpha.mean() < 1.1 and np.abs(alpha - 1).max() > 1e-3
+    conv = pipe.unet.get_submodule("up_blocks.1.resnets.2.conv1")
 
     def generate():
         return pipe(class_labels=[3, 7, 1, 9, 0, 5, 2, 8] * 2, num_inference_steps=steps, output_type="np",
                     guidance_scale=GUIDANCE_SCALE, generator=torch.Generator().manual_seed(1000)).images
 
-    full = generate()
-    quality = {}
-    for name, correction in (("none", None), ("cache", cache_only), ("both", both)):
-        with diffcache.accelerated(pipe, tag, quant=quant, correction=correction):
-            quality[name] = psnr(generate(), full)
-    assert quality["none"] < quality["cache"] < quality["both"], quality  # measured: 24.7 < 25.0 < 25.2 dB
+    def layer_error(correction) -> float:
+        """Squared error of the quantized conv1 against the float conv1 on the same inputs, over a generation."""
+        errors = []
+
+        def measure(module, args, output):
+            errors.append((output - module._conv_forward(args[0], module.weight, module.bias)).pow(2).mean().item())
+
+        handle = conv.register_forward_hook(measure)
+        try:
+            with diffcache.accelerated(pipe, tag, quant=quant, correction=correction):
+                images = generate()
+        finally:
+            handle.remove()
+        return float(np.mean(errors)), images
+
+    (plain, _), (fixed, images) = layer_error(cache_only), layer_error(both)
+    assert fixed < 0.95 * plain, (fixed, plain)
     both.save(tmp_path / "both.npz")
     with diffcache.accelerated(pipe, tag, quant=quant, correction=str(tmp_path / "both.npz")):
-        assert psnr(generate(), full) == quality["both"]
+        assert np.array_equal(generate(), images)
+    full = generate()
     with pytest.raises(QuantError, match="fitted for a quantized model"):
         diffcache.accelerate(pipe, tag, correction=both)
     other = calibrate(pipe, labels[:10], "w8a8", schedule=tag, **settings)
