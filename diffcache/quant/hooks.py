@@ -36,6 +36,11 @@ class QuantLayerHook(ModelHook):
         self.kernel = kernel
         self.out_fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight this hook runs (int8 codes and scales, or the rounded float copy)."""
+        return self.kernel.nbytes if self.kernel is not None else self.weight.numel() * self.weight.element_size()
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         if self.scale is None:
@@ -117,8 +122,10 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
             hooks.append((modules[name], TemporalLookupHook(inputs, outputs, name, parameter.dtype, parameter.device)))
     lookups = len(hooks) - sum(counts.values())
     real = ", ".join(f"{counts[b]} layers int8 ({_KERNEL_NAMES[b]})" for b in BACKENDS if counts[b])
+    mib = sum(hook.nbytes for _, hook in hooks if isinstance(hook, QuantLayerHook)) / 2**20
     note = (f"{config.name}: {real or '0 layers int8'}, {counts['fake']} simulated (fake quantization)"
-            + (f", {lookups} timestep MLPs from a full-precision table" if lookups else ""))
+            + (f", {lookups} timestep MLPs from a full-precision table" if lookups else "")
+            + f"; quantized weights {mib:.1f} MiB")
     return hooks, note
 
 
