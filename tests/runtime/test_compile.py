@@ -72,8 +72,15 @@ def test_plans_with_many_patterns_warn_under_compile(caplog):
     assert "recompile_limit" in caplog.text
 
 
-def test_frozen_compile_of_unet_deepcache_keeps_its_graphs(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+@pytest.fixture
+def frozen(request):
+    """Inductor's ``freezing`` (read by dynamo too, whatever the backend) for one test, default on. Through
+    ``config.patch``: pytest 9's monkeypatch deletes a config module's entry when it undoes."""
+    with torch._inductor.config.patch(freezing=getattr(request, "param", True)):
+        yield
+
+
+def test_frozen_compile_of_unet_deepcache_keeps_its_graphs(frozen):
     pipe = diffcache.accelerate(build_pipeline("sd"), "deepcache:interval=3")
     eager = run(pipe, "sd", steps=6)
     pipe.unet.compile(backend="eager")
@@ -98,14 +105,13 @@ def test_inductor_compiled_unet_deepcache():
     assert all("torch.compiler.disable" in reason for reason in graph_breaks())
 
 
-@pytest.mark.parametrize("freezing", [False, True])
-def test_compiled_quantized_and_cached_dit_keeps_its_graphs(monkeypatch, freezing):
+@pytest.mark.parametrize("frozen", [False, True], indirect=True)
+def test_compiled_quantized_and_cached_dit_keeps_its_graphs(frozen):
     """With inductor's freezing, dynamo bakes every tensor reached through a module into the graph (guarded by
     identity): the step index and cached features must reach compiled code another way, or each step and each
     refreshed cache compiles a new graph (past the recompile limit: eager)."""
     from diffcache.quant import calibrate
 
-    monkeypatch.setattr(torch._inductor.config, "freezing", freezing)  # read by dynamo, whatever the backend
     pipe = build_pipeline("dit")
     calibration = calibrate(pipe, [1, 2], "w8a8", num_inference_steps=6, guidance_scale=4.0, progress=False)
     diffcache.accelerate(pipe, "fora:interval=2", quant=calibration)
@@ -120,13 +126,12 @@ def test_compiled_quantized_and_cached_dit_keeps_its_graphs(monkeypatch, freezin
     assert all("torch.compiler.disable" in reason for reason in graph_breaks())
 
 
-def test_inductor_runs_the_int8_kernels_of_a_bf16_dit(monkeypatch):
+def test_inductor_runs_the_int8_kernels_of_a_bf16_dit(frozen):
     """Inductor, not just dynamo: the int8 GEMMs/convolutions (opaque ops) with the activation rounding fused
     around them, in a bf16 model, with freezing (what bf16 needs to prepack its own weights; inductor's own
     lowering of oneDNN's qlinear failed here without the opaque ops; checked without freezing too)."""
     from diffcache.quant import calibrate
 
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
     pipe = build_pipeline("dit")
     calibration = calibrate(pipe, [1, 2], "w8a8", num_inference_steps=6, guidance_scale=4.0, progress=False)
     pipe.to(torch.bfloat16)
