@@ -13,8 +13,8 @@ def test_summary_prints_the_bits(tmp_path, capsys):
     assert main(["summary", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model: UNet2DConditionModel" in out
-    assert "  1  1 1 0 0 0 0 0 0 0 0 0 0" in out  # step 1: branches 0-1 run, 2.. reused
-    assert "cache usage ratio 55.6%" in out
+    assert "  1  1 1 1 0 0 0 0 0 0 0 0 0 0" in out  # step 1: units 0-2 (conv_in, branches 0-1) run, 3.. reused
+    assert "cache usage ratio 51.3%" in out
 
 
 def test_errors_exit_with_one_line(tmp_path, capsys):

@@ -103,9 +103,10 @@ def test_tags_round_trip_and_regenerate():
     assert s.tag == "deepcache:interval=3,branch=2"
     assert Schedule.from_tag(s.tag, adapter, 10) == s
     assert s.model == adapter.model_info
-    # Full steps 0,3,6,9 recompute all; other steps recompute only units 0,1 (branch 2 and deeper reused).
+    # Full steps 0,3,6,9 recompute all; other steps recompute only units 0-2 (conv_in's shell, branches 0 and 1);
+    # unit 3 (branch 2) and deeper are reused.
     assert np.flatnonzero(s.recompute[:, -1, 0]).tolist() == [0, 3, 6, 9]
-    assert s.recompute[1, :2, 0].all() and not s.recompute[1, 2:, 0].any()
+    assert s.recompute[1, :3, 0].all() and not s.recompute[1, 3:, 0].any()
     s7 = s.resample(7)
     assert s7 == Schedule.from_tag(s.tag, adapter, 7)
     assert Schedule.from_dict(s.to_dict()) == s
@@ -124,7 +125,7 @@ def test_tag_errors():
     with pytest.raises(ScheduleError, match="interval must be >= 1"):
         Schedule.from_tag("fora:interval=0", pipe.transformer)
     sd = build_pipeline("sd")
-    with pytest.raises(ScheduleError, match="branch must be in 0..11"):
+    with pytest.raises(ScheduleError, match="branch must be in -1..11"):
         Schedule.from_tag("deepcache:interval=3,branch=12", sd.unet)
 
 

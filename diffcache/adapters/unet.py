@@ -6,12 +6,14 @@ in reverse. Caching at branch ``b`` keeps ``F_b``, the hidden state that entered
 ``s_b`` at the last full step; a partial step runs ``conv_in``, the encoder layers producing ``s_1..s_b``, the
 decoder layers consuming ``s_b..s_0`` and ``conv_out``, and skips everything deeper.
 
-Units are the nested shells of that structure, shallowest first: unit ``u < M-1`` is the encoder layer that
-produces ``s_{u+1}`` plus the decoder layer (and following upsampler) that consumes it; unit ``M-1`` is the mid
-block. Unit ``u``'s cache is ``F_u``, the output of everything from unit ``u`` down. A step's bits must be
-a run of ``True`` followed by ``False`` (a deeper shell cannot run when a shallower one is reused); the first
-``False`` unit ``b`` is DeepCache's ``cache_branch_id = b`` (``b = 0``: only ``conv_in``/``conv_out`` and the
-last decoder layer run).
+Units are the nested shells of that structure, shallowest first: unit ``u < M`` is the encoder layer that
+produces ``s_u`` (unit 0: ``conv_in``) plus the decoder layer (and following upsampler) that consumes it; unit
+``M`` is the mid block. Unit ``u``'s cache is the output of everything from unit ``u`` down: for ``u >= 1`` that
+is ``F_{u-1}``, for unit 0 the output of the last up block, i.e. the whole UNet but its output head
+(``conv_norm_out``/``conv_out``), which is where diffusers' TaylorSeerCache cuts a UNet. A step's bits must be a
+run of ``True`` followed by ``False`` (a deeper shell cannot run when a shallower one is reused); the first
+``False`` unit ``u`` is DeepCache's ``cache_branch_id = u - 1`` (``u = 1``: only ``conv_in``/``conv_out`` and the
+last decoder layer run; ``u = 0``: only the output head runs).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class UNetLayer:
     """A hooked UNet module.
 
     Attributes:
-        member: the unit it belongs to; it is skipped when that unit is at or below the step's cache branch.
-        consumes: for decoder resnets, the skip index ``j`` whose branch feature ``F_j`` is its hidden input.
+        member: the unit it belongs to; it is skipped when that unit is at or deeper than the step's first
+            reused unit.
+        consumes: for decoder resnets, the skip index ``j``; its hidden input is unit ``j + 1``'s cache ``F_j``.
         skip_channels: channels of ``s_j`` in the resnet's concatenated input ``cat([F_j, s_j])``.
         wraps_output: the module is a ``Transformer2DModel`` whose output is a tuple/output object.
+        body_output: the last up block, whose output is unit 0's cache (the whole UNet but its output head).
     """
 
     name: str
@@ -45,20 +49,18 @@ class UNetLayer:
     consumes: int | None = None
     skip_channels: int = 0
     wraps_output: bool = False
+    body_output: bool = False
 
 
 class UNetAdapter(Adapter):
-    """DeepCache branches of a diffusers UNet; every branch is a unit (``units[b]`` = ``cache_branch_id b``)."""
+    """DeepCache branches of a diffusers UNet: ``units[b + 1]`` is ``cache_branch_id b``; ``units[0]``
+    (``conv_in``) caches the whole body."""
 
     family = "unet"
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         super().__init__(denoiser)
         self.units, self.layers = _describe(denoiser)
-
-    @property
-    def num_branches(self) -> int:
-        return len(self.units)
 
     def layout(self, granularity: str = BLOCK) -> Layout:
         if granularity != BLOCK:
@@ -69,10 +71,11 @@ class UNetAdapter(Adapter):
 
     def prepare_reuse_call(self, kwargs: dict, branch: int | None) -> None:
         """ControlNet residuals stay correct on a cached step: the UNet adds residual ``j`` to skip ``s_j`` and
-        the mid residual to the mid block's output. Skips ``s_0..s_b`` are computed fresh and get their fresh
-        residuals; deeper skips and the mid output are zero-channel placeholders whose consumers are skipped, so
-        their residuals become zero-channel too (the cached ``F_b`` carries the control of its key step, exactly
-        as it carries every other deep feature of that step). T2I-Adapter residuals enter *inside* the down
+        the mid residual to the mid block's output. With ``branch`` the first reused unit, skips
+        ``s_0..s_{branch-1}`` are computed fresh and get their fresh residuals; deeper skips and the mid output are
+        zero-channel placeholders whose consumers are skipped, so their residuals become zero-channel too (the
+        cached feature carries the control of its key step, exactly as it carries every other deep feature of
+        that step). T2I-Adapter residuals enter *inside* the down
         blocks, which a cached step does not run: refused."""
         if kwargs.get("down_intrablock_additional_residuals") is not None:
             raise UnsupportedModelError(
@@ -85,7 +88,7 @@ class UNetAdapter(Adapter):
         down = kwargs.get("down_block_additional_residuals")
         if down is not None:
             kwargs["down_block_additional_residuals"] = tuple(
-                r if j <= branch else _empty_like(r) for j, r in enumerate(down)
+                r if j < branch else _empty_like(r) for j, r in enumerate(down)
             )
         if kwargs.get("mid_block_additional_residual") is not None:
             kwargs["mid_block_additional_residual"] = _empty_like(kwargs["mid_block_additional_residual"])
@@ -125,10 +128,10 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
     def layer(name: str, module: torch.nn.Module, member: int | None, **kw) -> UNetLayer:
         return UNetLayer(name, module, member, wraps_output=isinstance(module, Transformer2DModel), **kw)
 
-    # Encoder: skip j > 0 is produced by unit j-1.
+    # Encoder: skip j is produced by unit j (s_0 by conv_in).
     skip_channels = [unet.conv_in.out_channels]
-    units: list[str] = []
-    layers: list[UNetLayer] = []
+    units = ["conv_in"]
+    layers = [layer("conv_in", unet.conv_in, 0)]
     for bi, block in enumerate(unet.down_blocks):
         attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
@@ -145,7 +148,7 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
     units.append("mid_block")
     layers.append(layer("mid_block", unet.mid_block, len(units) - 1))
 
-    # Decoder: resnets consume skips from the deepest; skip j's consumer belongs to unit j-1.
+    # Decoder: resnets consume skips from the deepest; skip j's consumer belongs to unit j.
     j = len(skip_channels) - 1
     for bi, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None)
@@ -157,17 +160,19 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
                     f"up_blocks.{bi}.resnets.{i} takes {resnet.in_channels} channels, not a hidden state plus the "
                     f"{skip_channels[j]}-channel skip {j}; unexpected UNet wiring"
                 )
-            member = j - 1 if j > 0 else None
             name = f"up_blocks.{bi}.resnets.{i}"
-            layers.append(layer(name, resnet, member, consumes=j, skip_channels=skip_channels[j]))
+            layers.append(layer(name, resnet, j, consumes=j, skip_channels=skip_channels[j]))
             if attentions is not None:
-                layers.append(layer(f"up_blocks.{bi}.attentions.{i}", attentions[i], member))
+                layers.append(layer(f"up_blocks.{bi}.attentions.{i}", attentions[i], j))
             j -= 1
         for i, sampler in enumerate(block.upsamplers or []):
-            # It feeds the consumer of skip j (j+1 was just consumed), so it is part of F_j: unit j.
-            layers.append(layer(f"up_blocks.{bi}.upsamplers.{i}", sampler, j if j >= 0 else None))
+            # It feeds the consumer of skip j (j+1 was just consumed), so it is part of F_j: unit j + 1.
+            layers.append(layer(f"up_blocks.{bi}.upsamplers.{i}", sampler, j + 1))
     if j != -1:
         raise UnsupportedModelError(f"{type(unet).__name__}: {j + 1} encoder skips are never consumed by the decoder")
+    # Its output is unit 0's cache; its layers are counted above, so it belongs to no unit itself.
+    last = len(unet.up_blocks) - 1
+    layers.append(UNetLayer(f"up_blocks.{last}", unet.up_blocks[last], None, body_output=True))
     return units, layers
 
 

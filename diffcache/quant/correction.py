@@ -203,7 +203,10 @@ class _QuantErrorFits:
 
         index = {name: i for i, name in enumerate(quant.layers)}
         names = {module: name for name, module in adapter.denoiser.named_modules()}
-        convs = [getattr(layer.module, attr) for layer in adapter.layers if layer.consumes in branches
+        # The layers reading a reused feature: unit b >= 1's is read by the decoder resnet consuming skip b - 1
+        # (unit 0's, the body output, by the output head, which is not quantized).
+        convs = [getattr(layer.module, attr) for layer in adapter.layers
+                 if layer.consumes is not None and layer.consumes + 1 in branches
                  for attr in ("conv1", "conv_shortcut") if getattr(layer.module, attr, None) is not None]
         self.fits = {names[conv]: [ChannelFit() for _ in range(steps)] for conv in convs if names[conv] in index}
         self.handles = []

@@ -132,8 +132,9 @@ class BlockHook(ModelHook):
 
 
 class UNetLayerHook(ModelHook):
-    """A UNet module inside a DeepCache branch: skipped when its unit is cached, and, for the decoder resnet
-    consuming skip ``j``, the place where the branch feature ``F_j`` is captured and injected."""
+    """A UNet module inside a DeepCache branch: skipped when its unit is reused. The decoder resnet consuming
+    skip ``j`` is where unit ``j + 1``'s feature ``F_j`` is captured and injected; the last up block is where
+    unit 0's feature (the body's output) is."""
 
     def __init__(self, executor: Executor, layer: UNetLayer) -> None:
         super().__init__()
@@ -141,30 +142,42 @@ class UNetLayerHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ex, layer = self.executor, self.layer
-        branch = ex.branch if ex.in_call else None
+        if not ex.in_call:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        branch = ex.branch
+        if layer.body_output:
+            if branch == 0:
+                return self._cached_feature(0)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            if ex.needed[0][0]:
+                ex.put(("F", 0), (output, _memory_format(output)))
+            return output
         if branch is not None and layer.member is not None and layer.member >= branch:
             return self._placeholder(args, kwargs)
         j = layer.consumes
-        if j is not None and ex.in_call:
+        if j is not None:
             x = args[0]
-            if j == branch:
+            if j + 1 == branch:
                 if x.shape[1] != layer.skip_channels:
                     raise AccelerationStateError(
                         f"{layer.name} got {x.shape[1]} channels on a cached step, expected the "
                         f"{layer.skip_channels}-channel skip alone; the UNet's forward differs from diffusers'"
                     )
-                feature, memory_format = ex.cached(("F", j))
-                if ex.fix is not None:  # CacheQuant's per-channel correction of the stale feature
-                    feature = feature * ex.fix[0] + ex.fix[1]
+                feature, memory_format = self._cached_feature(branch, with_format=True)
                 # Same memory layout as on the full step (oneDNN may hand out channels_last), so the resnet
                 # computes in the same order and unchanged inputs reproduce the full step bit for bit.
                 joined = torch.cat([feature, x], dim=1).contiguous(memory_format=memory_format)
                 args = (joined, *args[1:])
-            elif ex.needed[j][0]:
-                channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                memory_format = torch.channels_last if channels_last else torch.contiguous_format
-                ex.put(("F", j), (x[:, : x.shape[1] - layer.skip_channels].clone(), memory_format))
+            elif ex.needed[j + 1][0]:
+                ex.put(("F", j + 1), (x[:, : x.shape[1] - layer.skip_channels].clone(), _memory_format(x)))
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _cached_feature(self, unit: int, with_format: bool = False) -> Any:
+        feature, memory_format = self.executor.cached(("F", unit))
+        fix = self.executor.fix
+        if fix is not None:  # CacheQuant's per-channel correction of the stale feature
+            feature = feature * fix[0] + fix[1]
+        return (feature, memory_format) if with_format else feature
 
     def _placeholder(self, args: tuple, kwargs: dict) -> Any:
         # A zero-channel view keeps batch and spatial size, so the UNet's concatenations still line up and the
@@ -178,3 +191,8 @@ class UNetLayerHook(ModelHook):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=empty)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format

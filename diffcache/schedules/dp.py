@@ -28,6 +28,7 @@ from ..errors import SearchError
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import Calibration
+from .presets import branch_unit, check_branch
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,8 @@ def dp_schedule(calibration: Calibration, cost_model: CostModel, budget: Budget,
     steps = calibration.num_steps
     reuse = calibration.present.copy()
     if calibration.family == "unet":
-        if not 0 <= branch < len(calibration.units):
-            raise SearchError(f"branch must be in 0..{len(calibration.units) - 1}, got {branch}")
-        reuse[:branch] = False
+        check_branch(calibration.units, branch, SearchError)
+        reuse[:branch_unit(branch)] = False
     elif branch:
         raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
     weights = calibration.step_weights(metric) if weighted else np.ones(steps)

@@ -40,6 +40,7 @@ from ..runtime import planned, suspended
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import CalibrationData
+from .presets import branch_unit
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +108,15 @@ class Genome:
     """Bits <-> `Schedule` for one model layout (``template`` gives units, components, present, model).
 
     ``key_steps``: one bit per step 1..T-1 (1 = recompute everything); a reuse step reuses every slot, on a UNet
-    every unit from ``branch`` down."""
+    every unit of DeepCache branch ``branch`` down (-1: the whole body)."""
 
     def __init__(self, template: Schedule, unet: bool, key_steps: bool = False, branch: int = 0) -> None:
         self.template, self.unet, self.key_steps = template, unet, key_steps
         self.mask = np.broadcast_to(template.present_mask, template.recompute.shape).copy()
         self.mask[0] = False
         self.reuse = template.present_mask.copy()  # what a reuse step reuses (key-step genomes)
-        self.reuse[:branch] = False
+        if unet:
+            self.reuse[:branch_unit(branch)] = False
         self.length = template.num_steps - 1 if key_steps else int(self.mask.sum())
 
     def encode(self, schedule: Schedule) -> list[int]:

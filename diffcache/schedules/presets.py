@@ -164,8 +164,9 @@ def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str 
     ``warmup=W`` computes the first W steps in full and counts the interval from the last of them (W = 2 gives a
     forecast its two points right away, as TaylorSeer's warm-up does).
 
-    ``granularity="block"`` caches whole units (a UNet's deepest-to-shallowest branches all at once, i.e.
-    DeepCache branch 0; a transformer block's residual); ``"component"`` caches transformer sub-modules.
+    ``granularity="block"`` caches whole units (on a UNet the whole body but its output head, as diffusers'
+    TaylorSeerCache does, i.e. ``deepcache:branch=-1``; a transformer block's residual); ``"component"``
+    caches transformer sub-modules.
     """
     if granularity not in (BLOCK, "component"):
         raise ScheduleError(f"granularity must be 'block' or 'component', got {granularity!r}")
@@ -199,19 +200,15 @@ def deepcache(
     Args:
         interval: N in "1:N" (one full step per N).
         branch: cache branch id, 0 = shallowest (only ``conv_in``/``conv_out`` and the last decoder layer run on
-            partial steps, fastest); larger keeps more of the UNet fresh (slower, closer to full).
+            partial steps); larger keeps more of the UNet fresh (slower, closer to full); -1 reuses the whole body
+            and runs only the output head (fastest; the cut of diffusers' TaylorSeerCache).
         mode: ``"uniform"`` (key steps 0, N, 2N, ...) or ``"quadratic"`` (DeepCache's non-uniform 1:N,
             key steps denser around ``center``).
         center: quadratic mode's densest step; default -1 means ``int(0.4 * num_steps)``.
         power: quadratic mode's starting exponent; lowered by 0.02 until ``ceil(T/N)`` distinct key steps fit.
         warmup: uniform mode: full steps before the interval starts counting (as in ``uniform``).
     """
-    num_units = len(layout.units)
-    if not 0 <= branch < num_units:
-        raise ScheduleError(
-            f"branch must be in 0..{num_units - 1} for this UNet (0 = shallowest, fastest; "
-            f"{num_units - 1} = mid block only: {layout.units[-1]}), got {branch}"
-        )
+    check_branch(layout.units, branch)
     if mode == "uniform":
         key = _every(num_steps, interval, warmup)
     elif mode == "quadratic":
@@ -221,8 +218,23 @@ def deepcache(
     else:
         raise ScheduleError(f"deepcache mode must be 'uniform' or 'quadratic', got {mode!r}")
     grid = _grid(layout, num_steps)
-    grid[~key, branch:] = False
+    grid[~key, branch_unit(branch):] = False
     return grid
+
+
+def branch_unit(branch: int) -> int:
+    """The UNet unit index of DeepCache's ``cache_branch_id`` (unit 0, branch -1, is the whole body)."""
+    return branch + 1
+
+
+def check_branch(units: list[str], branch: int, error: type[Exception] = ScheduleError) -> None:
+    """Raise ``error`` unless ``branch`` is a DeepCache branch id of a UNet with these units."""
+    deepest = len(units) - 2
+    if not -1 <= branch <= deepest:
+        raise error(
+            f"branch must be in -1..{deepest} for this UNet (0 = shallowest DeepCache branch; -1 = the whole body, "
+            f"only the output head runs; {deepest} = mid block only: {units[-1]}), got {branch}"
+        )
 
 
 def quadratic_key_steps(num_steps: int, interval: int, center: int, power: float) -> list[int]:

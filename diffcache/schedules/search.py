@@ -29,7 +29,7 @@ from .budget import Budget, CostModel
 from .calibrate import Calibration, CalibrationData, calibrate, conditions_from
 from .dp import bac_schedule, dp_schedule
 from .evolution import EvolutionConfig, Genome, QualityFn, evolve
-from .presets import build_from_tag
+from .presets import build_from_tag, check_branch
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,10 @@ def _bac(job: _Job, options: dict[str, Any]) -> Schedule:
 def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     options = dict(options)
     key_steps, branch = bool(options.pop("key_steps", False)), int(options.pop("branch", 0))
+    if branch and job.adapter.family != "unet":
+        raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
+    if job.adapter.family == "unet":
+        check_branch(job.adapter.unit_names, branch, SearchError)
     try:
         config = EvolutionConfig(**options)
     except TypeError as err:
@@ -238,9 +242,9 @@ def _seed_schedules(job: _Job, steps: int) -> list[Schedule]:
     intervals = range(2, min(steps, 8) + 1)
     warmups = (1, 2) if job.forecast else (1,)  # a forecast wants its two points early (TaylorSeer's warm-up)
     if adapter.family == "unet":
-        deepest = len(adapter.unit_names) - 1
+        deepest = len(adapter.unit_names) - 2  # DeepCache's deepest branch id: the mid block alone
         tags = [f"deepcache:interval={n},branch={b},warmup={w}"
-                for n in intervals for b in sorted({0, deepest // 2}) for w in warmups]
+                for n in intervals for b in sorted({-1, 0, deepest // 2}) for w in warmups]
     elif job.granularity == BLOCK:
         tags = [f"uniform:interval={n},warmup={w}" for n in intervals for w in warmups]
     else:

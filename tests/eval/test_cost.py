@@ -33,7 +33,10 @@ def test_unet_branch_costs_grow_shallow_to_deep_share():
     profile = cost.profile_macs(pipe, call_kwargs("sd", num_inference_steps=1), "block")
     branch0 = Schedule.from_tag("deepcache:interval=2,branch=0", pipe.unet, 4)
     branch5 = Schedule.from_tag("deepcache:interval=2,branch=5", pipe.unet, 4)
-    assert profile.speedup(branch0) > profile.speedup(branch5) > 1.0
+    body = Schedule.from_tag("deepcache:interval=2,branch=-1", pipe.unet, 4)  # reuse steps run the head alone
+    assert profile.speedup(body) > profile.speedup(branch0) > profile.speedup(branch5) > 1.0
+    head = profile.step_cost(body)[1] / profile.total  # time embedding, conv_norm_out, conv_out
+    assert 0 < head < 0.1, head
 
 
 def test_latency_profile_is_positive():

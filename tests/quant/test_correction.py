@@ -36,29 +36,30 @@ def test_channel_fit_is_least_squares():
         assert (((x * alpha * scale + beta - noisy) ** 2).mean((0, 2, 3)) > fitted).all()
 
 
-def test_correction_runs_saves_and_checks(tmp_path):
+@pytest.mark.parametrize("tag", [TAG, "deepcache:interval=3,branch=-1"])  # a skip branch; the body's output
+def test_correction_runs_saves_and_checks(tmp_path, tag):
     pipe = build_pipeline("sd")
     prompts = ["a red car", "a blue bird"]
-    correction = fit_cache_correction(pipe, prompts, TAG, num_inference_steps=STEPS, guidance_scale=5.0,
+    correction = fit_cache_correction(pipe, prompts, tag, num_inference_steps=STEPS, guidance_scale=5.0,
                                       batch_size=2, progress=False)
     reused = [k for k in range(STEPS) if k % 3]
     assert [k for k, a in enumerate(correction.alpha) if a is not None] == reused
     assert all(not np.allclose(correction.alpha[k], 1) for k in reused)
     full = run(pipe, "sd")
-    with diffcache.accelerated(pipe, TAG):
+    with diffcache.accelerated(pipe, tag):
         plain = run(pipe, "sd")
-    with diffcache.accelerated(pipe, TAG, correction=correction):
+    with diffcache.accelerated(pipe, tag, correction=correction):
         fixed = run(pipe, "sd")
     assert not np.array_equal(fixed, plain)
     assert 20 < psnr(fixed, full) < 100
     correction.save(tmp_path / "fix.npz")
-    with diffcache.accelerated(pipe, TAG, correction=str(tmp_path / "fix.npz")):
+    with diffcache.accelerated(pipe, tag, correction=str(tmp_path / "fix.npz")):
         assert np.array_equal(run(pipe, "sd"), fixed)
     with pytest.raises(QuantError, match="another schedule or step count"):
         diffcache.accelerate(pipe, "deepcache:interval=2,branch=1", correction=correction)
     with pytest.raises(QuantError, match="forecast=1"):
-        diffcache.accelerate(pipe, TAG + ",forecast=1", correction=correction)
-    with diffcache.accelerated(pipe, TAG, correction=correction):
+        diffcache.accelerate(pipe, tag + ",forecast=1", correction=correction)
+    with diffcache.accelerated(pipe, tag, correction=correction):
         with pytest.raises(QuantError, match="another schedule or step count"):
             run(pipe, "sd", steps=STEPS + 2)
     with pytest.raises(QuantError, match="not a readable"):

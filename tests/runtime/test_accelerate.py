@@ -149,12 +149,14 @@ def ran_per_step(pipe, name: str, leaves: list[torch.nn.Module], steps: int) -> 
 @pytest.mark.parametrize(
     "name, tag, num_units",
     [
-        ("sd", "deepcache:interval=3,branch=0", 12),  # SD1.5 layout: conv_in, 3 per block x 3, 2 in the last
-        ("sd", "deepcache:interval=3,branch=3", 12),
-        ("sd", "deepcache:interval=3,branch=11", 12),  # mid block only
-        ("sd", "deepcache:interval=2,mode=quadratic,branch=1", 12),
-        ("sdxl", "deepcache:interval=3,branch=4", 9),  # SDXL: 3 blocks of 2 layers
-        ("unet2d", "deepcache:interval=3,branch=2", 9),
+        ("sd", "deepcache:interval=3,branch=0", 13),  # SD1.5 layout: conv_in, 3 per block x 3, 2 in the last
+        ("sd", "deepcache:interval=3,branch=-1", 13),  # the whole body: only the output head runs
+        ("sd", "uniform:interval=3", 13),  # the same on a UNet
+        ("sd", "deepcache:interval=3,branch=3", 13),
+        ("sd", "deepcache:interval=3,branch=11", 13),  # mid block only
+        ("sd", "deepcache:interval=2,mode=quadratic,branch=1", 13),
+        ("sdxl", "deepcache:interval=3,branch=4", 10),  # SDXL: 3 blocks of 2 layers
+        ("unet2d", "deepcache:interval=3,branch=2", 10),
     ],
 )
 def test_deepcache_recomputes_exactly_the_branch_asked(name, tag, num_units):
@@ -164,14 +166,17 @@ def test_deepcache_recomputes_exactly_the_branch_asked(name, tag, num_units):
     assert len(adapter.units) == num_units
     modules = dict(pipe.unet.named_modules())
     leaves = [first_weight_leaf(modules[unit]) for unit in adapter.units]
+    # The decoder side of each shell: the resnet consuming skip u belongs to unit u (the mid block has none).
+    consumers = {layer.consumes: first_weight_leaf(layer.module) for layer in adapter.layers
+                 if layer.consumes is not None}
     ref = run(pipe, name, steps=steps)
     diffcache.accelerate(pipe, tag)
-    ran = ran_per_step(pipe, name, leaves, steps=steps)
+    ran = ran_per_step(pipe, name, leaves + [consumers[u] for u in range(num_units - 1)], steps=steps)
     plan = Schedule.from_tag(tag, adapter, steps).recompute[:, :, 0]
-    assert np.array_equal(ran, plan)
-    branch = Schedule.from_tag(tag, adapter, steps).params.get("branch", 0)
+    assert np.array_equal(ran[:, :num_units], plan) and np.array_equal(ran[:, num_units:], plan[:, :-1])
+    unit = Schedule.from_tag(tag, adapter, steps).params.get("branch", -1) + 1  # units[0] is conv_in's shell
     partial = int(np.flatnonzero(~plan.all(axis=1))[0])
-    assert ran[partial, :branch].all() and not ran[partial, branch:].any()
+    assert ran[partial, :unit].all() and not ran[partial, unit:num_units].any()
     out = run(pipe, name, steps=steps)
     quality = psnr(out, ref)
     # Random weights: the deep feature drifts between steps, so reuse costs some dB; a no-op would give inf.
@@ -196,7 +201,8 @@ def test_reuse_with_unchanged_inputs_is_exact(name):
                                     with_kwargs=True)
     run(pipe, name, steps=1)
     args, kwargs = captured[0]
-    tags = ["deepcache:interval=2,branch=0", "deepcache:interval=2,branch=5"] if name in UNET_PIPELINES else [
+    tags = ["deepcache:interval=2,branch=0", "deepcache:interval=2,branch=5", "deepcache:interval=2,branch=-1"
+            ] if name in UNET_PIPELINES else [
         "fora:interval=2", "uniform:interval=2"]
     for tag in tags:
         diffcache.accelerate(pipe, tag)
@@ -225,7 +231,7 @@ def test_second_order_scheduler_counts_network_calls():
     summary = diffcache.summary(pipe)
     assert summary.num_steps == len(pipe.scheduler.timesteps) == 7
     assert summary.denoiser_calls == 7
-    assert summary.reused[:, 0].tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert summary.reused[:, 1].tolist() == [0, 1, 0, 1, 0, 1, 0]  # units[1]: branch 0
     assert 15 < psnr(out, ref) < 200
     assert np.array_equal(run(pipe, "sd", steps=4), out)
 

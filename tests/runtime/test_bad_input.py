@@ -84,8 +84,8 @@ def test_unet_bits_must_be_shallow_first():
     pipe = build_pipeline("sd")
     adapter = resolve_adapter(pipe.unet)
     bits = np.ones((4, len(adapter.units), 1), dtype=bool)
-    bits[2, 3] = False  # reuse branch 3 but recompute deeper units 4..11
-    with pytest.raises(ScheduleError, match="step 2: UNet branch bits 111011111111 recompute a deeper unit"):
+    bits[2, 3] = False  # reuse unit 3 but recompute deeper units 4..12
+    with pytest.raises(ScheduleError, match="step 2: UNet branch bits 1110111111111 recompute a deeper unit"):
         diffcache.accelerate(pipe, Schedule(bits, adapter.units, ["block"]))
 
 

@@ -145,6 +145,9 @@ def test_key_step_genome_round_trips_presets():
     deepcache = diffcache.Schedule.from_tag("deepcache:interval=3,branch=2", unet, 8)
     assert genome.encode(deepcache) == [0, 0, 1, 0, 0, 1, 0]
     assert genome.decode(genome.encode(deepcache)).recompute.tolist() == deepcache.recompute.tolist()
+    body = Genome(diffcache.Schedule.from_tag("none", unet, 8), unet=True, key_steps=True, branch=-1)
+    whole = diffcache.Schedule.from_tag("uniform:interval=3", unet, 8)  # TaylorSeer's cut: the whole body reused
+    assert body.decode(body.encode(whole)).recompute.tolist() == whole.recompute.tolist()
     dit = resolve_adapter(denoiser_of(build_pipeline("dit")))
     genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", dit, 8), unet=False, key_steps=True)
     fora = diffcache.Schedule.from_tag("fora:interval=3,warmup=2", dit, 8)
