@@ -31,6 +31,7 @@ from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.metrics import accuracy, fid
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import CostModel
+from diffcache.schedules.search import taylorseer_key_steps
 
 PRESETS = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
@@ -84,9 +85,9 @@ def matched_budgets(pipe, baselines: dict[str, Callable], settings: dict[str, di
     for title in baselines:
         params = settings[title]
         if "cache_interval" in params:
-            interval, warmup = params["cache_interval"], params["disable_cache_before_step"]
             bits = np.zeros((NUM_INFERENCE_STEPS, len(layout.units), 1), dtype=bool)
-            bits[[k for k in range(NUM_INFERENCE_STEPS) if k < warmup or (k - warmup - 1) % interval == 0]] = True
+            bits[taylorseer_key_steps(NUM_INFERENCE_STEPS, params["cache_interval"],
+                                      params["disable_cache_before_step"])] = True
             plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer")
             speedups.add(1 / cost_model.fraction(plan))
     pilot = compare_methods(pipe, lambda: kwargs, [], 1, progress=False,

@@ -154,7 +154,8 @@ def evolve(
     """Run NSGA-II; returns the Pareto front of everything evaluated.
 
     Args:
-        seeds: schedules for the initial population (deduplicated; the rest are their mutations).
+        seeds: schedules for the initial population, most wanted first (deduplicated, the first ``population``
+            kept; if fewer, the rest are their mutations).
         checkpoint: JSON file written after every generation. With ``resume=True`` an existing checkpoint is
             continued (it must come from the same ``key``: model, data and settings); without it an existing
             checkpoint is an error, so a finished search is never overwritten by accident.
@@ -227,10 +228,7 @@ def _seed_population(genome: Genome, seeds: Sequence[Schedule], config: Evolutio
             unique.setdefault(_key(bits), bits)
     if not unique:
         raise SearchError("ECAD needs at least one seed schedule that reuses something")
-    chosen = list(unique.values())
-    if len(chosen) > config.population:  # keep an even spread over the seeds' order
-        picks = np.linspace(0, len(chosen) - 1, config.population).round().astype(int)
-        chosen = [chosen[i] for i in picks]
+    chosen = list(unique.values())[: config.population]  # seeds come in order of preference
     population = [_Individual(bits) for bits in chosen]
     flip = config.flip_probability(genome.length)
     seen = set(unique)

@@ -237,7 +237,8 @@ def _config_params(config: EvolutionConfig) -> dict[str, Any]:
 
 def _seed_schedules(job: _Job, steps: int) -> list[Schedule]:
     """ECAD's seed population: uniform presets at several intervals (DeepCache branches on UNets, FORA on
-    transformers; with a forecast also after two warm-up steps), then DP schedules at several budgets."""
+    transformers; with a forecast also after two warm-up steps, and TaylorSeer's key steps), and DP schedules at
+    several budgets; those whose predicted cost is closest to the budget first, since the pick is made there."""
     adapter, cost_model = job.adapter, job.cost_model
     intervals = range(2, min(steps, 8) + 1)
     warmups = (1, 2) if job.forecast else (1,)  # a forecast wants its two points early (TaylorSeer's warm-up)
@@ -250,13 +251,29 @@ def _seed_schedules(job: _Job, steps: int) -> list[Schedule]:
     else:
         tags = [f"fora:interval={n},warmup={w}" for n in intervals for w in warmups]
     seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
+    if job.forecast:
+        seeds += [_with_key_steps(seeds[0], taylorseer_key_steps(steps, n)) for n in intervals]
     calibration = job.calibration()
     for speedup in _DP_SEED_SPEEDUPS:
         try:
             seeds.append(dp_schedule(calibration, cost_model, Budget(cost_model.measure, 1 / speedup)))
         except SearchError:
             break
-    return seeds
+    return sorted(seeds, key=lambda s: abs(cost_model.fraction(s) - job.budget.fraction))
+
+
+def taylorseer_key_steps(steps: int, interval: int, warmup: int = 2) -> np.ndarray:
+    """The steps diffusers' TaylorSeerCache computes (``cache_interval``, ``disable_cache_before_step``): the
+    warm-up, then one step after it and every ``interval`` from there."""
+    k = np.arange(steps)
+    return (k < warmup) | ((k - warmup - 1) % interval == 0)
+
+
+def _with_key_steps(schedule: Schedule, key: np.ndarray) -> Schedule:
+    """``schedule``'s reuse pattern (what a non-key step reuses: its first reuse row) on other key steps."""
+    reuse_row = schedule.recompute[~schedule.recompute.all(axis=(1, 2))][0]
+    grid = np.where(key[:, None, None], True, reuse_row[None])
+    return replace(schedule, recompute=grid, method="taylorseer", params={})
 
 
 def quality_function(name: str) -> QualityFn:

@@ -148,3 +148,31 @@ def test_unknown_name_lists_baselines():
     with pytest.raises(ValueError, match=", ".join(BASELINES)):
         with diffusers_cache(pipeline("digits-dit"), "mag_cache"):
             pass
+
+
+@pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
+def test_diffcache_reproduces_taylorseer_at_its_key_steps(model):
+    """TaylorSeer's compute pattern (`taylorseer_key_steps`) with the whole body forecast (a UNet's unit 0, every
+    DiT block) gives TaylorSeer's images: the searches are seeded with it and priced against it."""
+    import diffcache
+    from diffcache.adapters import denoiser_of, resolve_adapter
+    from diffcache.schedules.search import taylorseer_key_steps
+
+    pipe = pipeline(model)
+    params = {"cache_interval": 3, "disable_cache_before_step": 2}
+    leaf = next(leaf for m, name, _, leaf in APPLICABLE if m == model and name == "taylorseer")
+    with counting(pipe, leaf) as calls:
+        with diffusers_cache(pipe, "taylorseer", **params):
+            theirs = generate(pipe)
+    key = taylorseer_key_steps(STEPS, params["cache_interval"], params["disable_cache_before_step"])
+    assert calls[0] == key.sum() and key.tolist()[:4] == [True, True, False, True]
+    layout = resolve_adapter(denoiser_of(pipe)).layout()
+    bits = np.broadcast_to(key[:, None, None], (STEPS, len(layout.units), 1))
+    with diffcache.accelerated(pipe, diffcache.Schedule(bits, layout.units, layout.components, forecast=1)):
+        ours = generate(pipe)
+    full = generate(pipe)
+    assert 25 < psnr(theirs, full) < 80
+    if model == "digits-unet":  # both forecast the last up block's output: the same numbers
+        assert np.array_equal(ours, theirs)
+    else:  # TaylorSeer forecasts the last block's output, diffcache each block's residual on the fresh input
+        assert 35 < psnr(ours, theirs) < 80
