@@ -1,14 +1,15 @@
 """Searched schedules vs presets vs diffusers' own caches on the embedded digits models (CPU, one process).
 
-For each model: time diffusers' own caches once (a pilot on a fifth of the images), search dp / bac / ecad /
-router (DiT) schedules at two latency budgets plus, for the forecasting searches, at each baseline's measured
-speedup, all on calibration labels (seed 0). Then generate a held-out set (another seed) with every method,
+For each model: profile the per-slot latency once on the first calibration batch (one profile per granularity,
+which prices every search and diffusers' TaylorSeer compute pattern alike), search dp / bac / ecad / router (DiT)
+schedules at two latency budgets plus, for the forecasting searches, at each TaylorSeer setting's exact price,
+all on calibration labels (seed 0). Then generate a held-out set (another seed) with every method,
 time the methods side by side with `diffcache.eval.bench.compare_methods` (one warm-up, then alternated runs,
 median), and score quality: Fréchet distance of the digit classifier's features to real held-out digits,
 classifier accuracy, PSNR vs the full model. A second table pairs each baseline with the best-PSNR diffcache
 schedule that runs at least as fast (measured). Search cost is reported per method.
 
-    python scripts/bench_search.py                      # both models, ~30 min on 2 cores
+    python scripts/bench_search.py                      # both models, ~60 min on 2 cores
     python scripts/bench_search.py --models digits-unet --per-class 5 --repeats 1
 """
 
@@ -30,8 +31,9 @@ from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache
 from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.metrics import accuracy, fid
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
-from diffcache.schedules.budget import CostModel
-from diffcache.schedules.search import taylorseer_key_steps
+from diffcache.schedules.budget import Budget, CostModel
+from diffcache.schedules.calibrate import CalibrationData, conditions_from
+from diffcache.schedules.search import default_granularity, taylorseer_key_steps
 
 PRESETS = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
@@ -43,7 +45,9 @@ PRESETS = {
 # bits, or over the key steps only (one bit per step, every slot follows: 24 bits here)
 KEYS = {"key_steps": 1}
 SPEED_NOISE = 0.03  # timings repeat within about this on the shared 2-core machine
-MATCHED = [("dp", 1, {}), ("ecad", 1, KEYS)]  # the searches also run at each diffusers cache's speed
+BATCH = 10  # calibration batch size
+# The searches that also run at each TaylorSeer setting's exact price (its compute pattern, priced by their cost model)
+MATCHED = [("dp", 1, {}), ("ecad", 1, {}), ("ecad", 1, KEYS)]
 SEARCHES = {
     "digits-dit": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("router", 0, {}), ("dp", 1, {}),
                    ("ecad", 1, {}), ("ecad", 1, KEYS)],
@@ -74,26 +78,22 @@ def main() -> None:
     run_models(parser.parse_args(), bench_model)
 
 
-def matched_budgets(pipe, baselines: dict[str, Callable], settings: dict[str, dict], kwargs: dict) -> list[str]:
-    """Latency budgets at the diffusers caches' speed. TaylorSeer's compute pattern (its full steps, everything
-    else skipped) is priced with the same latency cost model the search uses, so the search gets its exact cost;
-    FirstBlockCache decides at run time, so its speed comes from a timed pilot run."""
-    adapter = resolve_adapter(denoiser_of(pipe))
-    cost_model = CostModel.measure_on(pipe, kwargs, "latency", "block")
-    layout = adapter.layout("block")
-    speedups = set()
-    for title in baselines:
-        params = settings[title]
-        if "cache_interval" in params:
-            bits = np.zeros((NUM_INFERENCE_STEPS, len(layout.units), 1), dtype=bool)
-            bits[taylorseer_key_steps(NUM_INFERENCE_STEPS, params["cache_interval"],
-                                      params["disable_cache_before_step"])] = True
-            plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer")
-            speedups.add(1 / cost_model.fraction(plan))
-    pilot = compare_methods(pipe, lambda: kwargs, [], 1, progress=False,
-                            others={t: b for t, b in baselines.items() if "cache_interval" not in settings[t]})
-    speedups |= {r.speedup for r in pilot if r.method in baselines and r.speedup > 1}
-    return sorted({f"latency:{math.floor(s * 100) / 100:.2f}x" for s in speedups})  # distinct after rounding
+def taylorseer_budgets(adapter, cost_models: dict[str, CostModel], settings: list[dict]) -> dict[str, list[Budget]]:
+    """Per granularity, the latency budgets at diffusers' TaylorSeer settings: its compute pattern (its key steps
+    compute everything, the other steps reuse every slot) priced with the cost model the searches use, so a
+    search gets exactly its cost, without timing noise."""
+    budgets: dict[str, list[Budget]] = {}
+    for granularity, cost_model in cost_models.items():
+        layout = adapter.layout(granularity)
+        present = layout.present if layout.present is not None else True
+        for params in settings:
+            key = taylorseer_key_steps(NUM_INFERENCE_STEPS, params["cache_interval"],
+                                       params["disable_cache_before_step"])
+            bits = np.broadcast_to(key[:, None, None] | ~np.asarray(present)[None],
+                                   (NUM_INFERENCE_STEPS, len(layout.units), len(layout.components)))
+            plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer", present=layout.present)
+            budgets.setdefault(granularity, []).append(Budget("latency", cost_model.fraction(plan)))
+    return budgets
 
 
 def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
@@ -112,15 +112,22 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
             baselines[title] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
         except BaselineUnavailable as err:
             notes.append(f"- {title}: not applicable ({err})")
-    settings = {_title(baseline, params): params for baseline, params in BASELINES[name]}
-    matched = matched_budgets(pipe, baselines, settings, held_out(labels[: len(labels) // 5], NUM_INFERENCE_STEPS))
+    # One latency profile per granularity, on the searches' first calibration batch, prices every search and
+    # TaylorSeer's pattern alike.
+    adapter = resolve_adapter(denoiser_of(pipe))
+    first_batch = CalibrationData(conditions_from(calibration, pipe), NUM_INFERENCE_STEPS, GUIDANCE_SCALE, 0,
+                                  BATCH).batches(pipe)[0]
+    cost_models = {g: CostModel.measure_on(pipe, first_batch, "latency", g) for g in adapter.granularities}
+    matched = taylorseer_budgets(adapter, cost_models, [p for b, p in BASELINES[name] if b == "taylorseer"])
     for method, forecast, extra in SEARCHES[name]:
-        for budget in args.budgets + (matched if (method, forecast, extra) in MATCHED else []):
+        granularity = default_granularity(method, adapter, bool(extra.get("key_steps")))
+        for budget in args.budgets + (matched[granularity] if (method, forecast, extra) in MATCHED else []):
             options = extra | ({"generations": args.generations} if method == "ecad" else {})
             start = time.perf_counter()
             schedule = diffcache.search(
                 pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
-                guidance_scale=GUIDANCE_SCALE, batch_size=10, forecast=forecast, resume=True, progress=False,
+                guidance_scale=GUIDANCE_SCALE, batch_size=BATCH, forecast=forecast, resume=True, progress=False,
+                granularity=granularity, cost_model=cost_models[granularity],
                 out_dir=Path(args.work) / name / f"{method}-f{forecast}{'-keys' if extra else ''}", **options,
             )
             search_cost[label(schedule)] = time.perf_counter() - start

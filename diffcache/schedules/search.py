@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
+from ..adapters import BLOCK, Adapter, Layout, denoiser_of, resolve_adapter
 from ..errors import SearchError
 from ..files import write_atomic
 from ..runtime import suspended
@@ -54,6 +54,7 @@ def search(
     resume: bool = False,
     forecast: int = 0,
     quant: Any = None,
+    cost_model: CostModel | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Schedule:
@@ -77,20 +78,24 @@ def search(
             judges every candidate with forecasting.
         quant: search for the quantized model (what ``accelerate(..., quant=)`` takes): calibration features
             and ECAD candidates come from it, quality is still measured against the float model (dp, bac, ecad).
+        cost_model: price schedules with this model (``CostModel.measure_on(pipe, call_kwargs, measure,
+            granularity)``) instead of profiling one on the first calibration batch: one profile for several
+            searches, or for pricing another method at exactly the price the search sees.
         options: method settings: ``dp``: ``branch`` (UNet), ``metric``, ``bounded``, ``weighted``; ``bac``:
             ``metric``, ``upstream``, ``weighted``; ``ecad``: `EvolutionConfig` fields; ``router``: `RouterConfig`
             fields.
 
     Raises:
-        SearchError: unknown method or quality, an unreadable budget, or a budget no schedule meets.
+        SearchError: unknown method or quality, an unreadable budget, a budget no schedule meets, or a
+            ``cost_model`` of another measure or layout.
     """
     if method not in METHODS:
         raise SearchError(f"unknown search method {method!r}; choose from {list(METHODS)}")
     budget = Budget.parse(budget)
     denoiser = denoiser_of(pipe)
     adapter = resolve_adapter(denoiser)
-    granularity = granularity or _default_granularity(method, adapter, bool(options.get("key_steps")))
-    adapter.layout(granularity)
+    granularity = granularity or default_granularity(method, adapter, bool(options.get("key_steps")))
+    _check_cost_model(cost_model, budget, adapter.layout(granularity))
     data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
     extra, extra_key = _quant_hooks(quant, method, adapter)
     out = Path(out_dir) if out_dir is not None else None
@@ -100,7 +105,8 @@ def search(
         with suspended(denoiser):
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
-            cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
+            if cost_model is None:
+                cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
             job = _Job(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress, forecast,
                        extra, extra_key)
             schedule = _METHODS[method](job, options)
@@ -122,7 +128,8 @@ def search(
     return result
 
 
-def _default_granularity(method: str, adapter: Adapter, key_steps: bool = False) -> str:
+def default_granularity(method: str, adapter: Adapter, key_steps: bool = False) -> str:
+    """What `search` caches when not told: transformer components for bac/ecad/router, else whole blocks."""
     # A key-step genome reuses whole steps: block residuals are the cheapest way to do that, and the latency
     # model prices them closest to the clock (it under-predicts component caching's savings).
     if method in ("bac", "ecad", "router") and "component" in adapter.granularities and not key_steps:
@@ -156,6 +163,19 @@ class _Job:
 
 def _dp(job: _Job, options: dict[str, Any]) -> Schedule:
     return dp_schedule(job.calibration(), job.cost_model, job.budget, **options)
+
+
+def _check_cost_model(cost_model: CostModel | None, budget: Budget, layout: Layout) -> None:
+    if cost_model is None:
+        return
+    if cost_model.measure != budget.measure:
+        raise SearchError(f"the cost model measures {cost_model.measure}, the budget {budget} {budget.measure}; "
+                          "give both the same measure")
+    profile = cost_model.profile
+    if profile is not None and (profile.units, profile.components) != (layout.units, layout.components):
+        raise SearchError(f"the cost model was profiled for {len(profile.units)} units x {profile.components}, the "
+                          f"search runs on {len(layout.units)} units x {layout.components}; profile it at the "
+                          "search's granularity (CostModel.measure_on(..., granularity))")
 
 
 def _bac(job: _Job, options: dict[str, Any]) -> Schedule:

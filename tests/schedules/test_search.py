@@ -15,6 +15,7 @@ import diffcache
 from diffcache.adapters import denoiser_of, resolve_adapter
 from diffcache.cli import main
 from diffcache.errors import SearchError, UnsupportedModelError
+from diffcache.eval.cost import CostProfile
 from diffcache.schedules.budget import Budget, CostModel
 from diffcache.schedules.calibrate import Calibration, CalibrationData, calibrate
 from diffcache.schedules.evolution import EvolutionConfig, Genome, evolve, hypervolume
@@ -253,3 +254,26 @@ def test_ecad_two_processes_match_one(dit, tmp_path):
 def test_hypervolume():
     assert hypervolume([(2.0, 0.5)], (0.0, 1.0)) == pytest.approx(1.0)
     assert hypervolume([(2.0, 0.5), (1.0, 0.25), (1.5, 0.75)], (0.0, 1.0)) == pytest.approx(1.0 * 0.75 + 1.0 * 0.5)
+
+
+def test_search_prices_with_a_given_cost_model(dit, tmp_path):
+    """One profile for several searches (and for pricing a baseline at the price the search sees): the search
+    uses it, and refuses one of another measure or layout."""
+    kwargs = data().batches(dit)[0]
+    block = CostModel.measure_on(dit, kwargs, "macs", "block")
+    profile = block.profile
+    slots = profile.slot_cost.copy()
+    slots[:] = 0.2 * profile.total / len(slots)  # the blocks cost a fifth of the call: 2x is out of reach
+    skewed = CostModel("macs", CostProfile(profile.units, profile.components, slots, profile.total, "macs"))
+    with pytest.raises(SearchError, match="below the cheapest"):
+        diffcache.search(dit, LABELS, "dp", "2x", num_inference_steps=STEPS, guidance_scale=4.0, batch_size=2,
+                         cost_model=skewed, progress=False, out_dir=tmp_path)
+    schedule = diffcache.search(dit, LABELS, "dp", "1.1x", num_inference_steps=STEPS, guidance_scale=4.0,
+                                batch_size=2, cost_model=skewed, progress=False, out_dir=tmp_path)
+    assert schedule.meta["predicted_speedup"] == pytest.approx(1 / skewed.fraction(schedule), abs=1e-4)
+    # Priced by its own profile the same schedule is far cheaper: the search did not profile one.
+    assert skewed.fraction(schedule) <= 1 / 1.1 and block.fraction(schedule) < 0.6
+    with pytest.raises(SearchError, match="measures macs, the budget"):
+        diffcache.search(dit, LABELS, "dp", "latency:2x", cost_model=block, progress=False)
+    with pytest.raises(SearchError, match="profile it at the search's granularity"):
+        diffcache.search(dit, LABELS, "ecad", "2x", cost_model=block, progress=False)  # ecad: components
