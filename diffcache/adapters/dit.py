@@ -48,6 +48,11 @@ class TransformerUnit:
     input_positions: dict[str, int]
     components: dict[str, torch.nn.Module] = field(default_factory=dict)
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The input stream each element of the block's output updates; a plain tensor output updates the first."""
+        return self.outputs or (next(iter(self.input_positions)),)
+
 
 def make_unit(name: str, module: torch.nn.Module, with_components: bool = True) -> TransformerUnit:
     """Describe one block; ``with_components=False`` caches it only as a whole (its gates are unknown)."""

@@ -48,6 +48,8 @@ class CallTensors:
 # Reached from a global, the same tensors are graph inputs.
 LIVE: dict[int, CallTensors] = {}
 _KEYS = itertools.count()
+STACK = ("stack",)
+"""Store key of a transformer's whole-stack residual (last block's output minus first block's input)."""
 
 
 class Executor:
@@ -93,6 +95,15 @@ class Executor:
         self.branch: int | None = None
         self.since: dict[Any, int] = {}
         self.written: list[Any] = []
+        # Transformer block caching with whole steps only (every step computes or reuses every block): the stack's
+        # residual is cached once instead of one per block, and a reuse step adds it at the first block (the others
+        # pass their input on): one subtraction per computed step, one add (and forecast) per reused step, as
+        # TaylorSeer's whole-body cache. Exact (up to rounding) when the blocks feed each other directly, which
+        # the first computed call checks on `chain` (each block's inputs and outputs); otherwise per-block caching.
+        self.fuse_blocks = False
+        self.chain_checked = False
+        self.fused = False
+        self.chain: list[tuple[tuple, tuple]] = []
         # Optional CacheQuant correction of reused UNet branch features, and this call's (alpha, beta):
         self.correction: Any | None = None
         self.quant_note: str | None = None  # what the quantization hooks run, for `summary`
@@ -150,6 +161,12 @@ class Executor:
                     self.needed[branch][0] = True
         else:
             self.needed = (~plan.recompute).any(axis=0).tolist()
+        units = getattr(self.adapter, "units", [])
+        reused_rows = (~plan.recompute).all(axis=(1, 2))
+        self.fuse_blocks = (self.adapter.family == "transformer" and plan.granularity == "block"
+                            and len({unit.streams for unit in units}) == 1 and bool(reused_rows.any())
+                            and bool((reused_rows | plan.recompute.all(axis=(1, 2))).all()))
+        self.chain_checked = False
 
     def _check_compiled_variants(self) -> None:
         """Warn once per plan when a torch.compile'd denoiser would need more graphs than dynamo keeps: each
@@ -249,7 +266,13 @@ class Executor:
             LIVE[self.key].fix = self.correction.at(self.step, like) if fix else None
         else:
             self.branch = None
-            self.row = self._available_row()
+            self.fused = self.fuse_blocks and self.chain_checked and not any(any(bits) for bits in self.row)
+            if self.fused and STACK not in self.store:
+                self.warn_missing("the block stack")
+                self.fused = False
+                self.row = [[True] * len(bits) for bits in self.row]
+            self.row = self._available_row(fused=self.fused)
+            self.chain = []
         if not all(all(bits) for bits in self.row):
             self.adapter.prepare_reuse_call(kwargs, self.branch)
         self.stats.calls += 1
@@ -260,6 +283,8 @@ class Executor:
     @torch.compiler.disable
     def end_call(self) -> None:
         """Note the step of every value written in this call, and the cache memory."""
+        if self.fuse_blocks and self.chain:
+            self._cache_stack()
         for key in self.written:
             self.store.steps[key] = self.step
         self.cache_bytes = sum(store.bytes for store in self.stores.values())
@@ -267,11 +292,12 @@ class Executor:
         self.in_call = False
         self.branch = None
 
-    def _available_row(self) -> list[list[bool]]:
-        """The step's row with reuses of uncached slots turned into recomputes; records the counts."""
+    def _available_row(self, fused: bool = False) -> list[list[bool]]:
+        """The step's row with reuses of uncached slots turned into recomputes; records the counts. ``fused``:
+        the stack's residual serves every block (checked by the caller)."""
         row = []
         for unit, (planned, present) in enumerate(zip(self.row, self._present)):
-            bits = [bit or (unit, c) not in self.store for c, bit in enumerate(planned)]
+            bits = [bit or (not fused and (unit, c) not in self.store) for c, bit in enumerate(planned)]
             for c, (was, now, here) in enumerate(zip(planned, bits, present)):
                 if was != now and here:
                     self.warn_missing(f"{self.plan.units[unit]}.{self.plan.components[c]}")
@@ -279,6 +305,24 @@ class Executor:
             self.stats.add(self.step, unit, computed, sum(present) - computed)
             row.append(bits)
         return row
+
+    def _cache_stack(self) -> None:
+        """After a call that computed every block: cache the stack's residual; the first time, check the chain."""
+        chain, self.chain = self.chain, []
+        chained = len(chain) == len(self.plan.units) and all(
+            all(a is b for a, b in zip(inputs, previous_outputs))
+            for (_, previous_outputs), (inputs, _) in zip(chain, chain[1:]))
+        if not chained:  # something runs between blocks: keep caching block by block
+            self.fuse_blocks = False
+            return
+        if not self.chain_checked:  # from now on the per-block residuals are not needed
+            self.chain_checked = True
+            self.needed = [[False] * len(bits) for bits in self.needed]
+            for key in [k for k in self.written if k != STACK]:
+                self.store.values.pop(key, None)
+            self.written = []
+        inputs, outputs = chain[0][0], chain[-1][1]
+        self.put(STACK, tuple(None if o is None else o - x for x, o in zip(inputs, outputs)))
 
     def _unet_branch(self) -> int | None:
         """The shallowest reused branch whose feature is cached; deeper units are skipped with it."""

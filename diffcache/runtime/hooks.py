@@ -14,7 +14,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from ..adapters.dit import TransformerUnit
 from ..adapters.unet import UNetLayer
 from ..errors import AccelerationStateError
-from .executor import Executor
+from .executor import STACK, Executor
 
 
 class _NoState(BaseState):
@@ -91,18 +91,13 @@ def block_input(spec: TransformerUnit, name: str, args: tuple, kwargs: dict) -> 
     raise AccelerationStateError(f"{spec.name} was called without its {name!r} input")
 
 
-def block_streams(spec: TransformerUnit) -> tuple[str, ...]:
-    """The input stream each element of the block's output updates; a plain tensor output updates the first."""
-    return spec.outputs or (next(iter(spec.input_positions)),)
-
-
 class BlockHook(ModelHook):
     """Caches a block's residual (output minus input, per stream); a reuse step adds it to the current input."""
 
     def __init__(self, executor: Executor, unit: int, spec: TransformerUnit) -> None:
         super().__init__()
         self.executor, self.unit, self.spec = executor, unit, spec
-        self.streams = block_streams(spec)
+        self.streams = spec.streams
 
     def _input(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
         return block_input(self.spec, name, args, kwargs)
@@ -113,10 +108,18 @@ class BlockHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         key, streams = (self.unit, 0), self.streams
         if not ex.row[self.unit][0]:
+            if ex.fused:  # every block reused: the first adds all their residuals, the rest pass it on
+                inputs = tuple(self._input(s, args, kwargs) for s in streams)
+                if self.unit == 0:
+                    inputs = tuple(x if d is None else x + d for x, d in zip(inputs, ex.cached(STACK)))
+                return inputs if self.spec.outputs is not None else inputs[0]
             deltas = ex.cached(key)
             outputs = tuple(None if d is None else self._input(s, args, kwargs) + d for s, d in zip(streams, deltas))
             return outputs if self.spec.outputs is not None else outputs[0]
         output = self.fn_ref.original_forward(*args, **kwargs)
+        if ex.fuse_blocks:
+            ex.chain.append((tuple(self._input(s, args, kwargs) for s in streams),
+                             output if self.spec.outputs is not None else (output,)))
         if ex.needed[self.unit][0]:
             outputs = output if self.spec.outputs is not None else (output,)
             if not isinstance(outputs, tuple) or len(outputs) != len(streams) or not all(

@@ -154,8 +154,9 @@ def evolve(
     """Run NSGA-II; returns the Pareto front of everything evaluated.
 
     Args:
-        seeds: schedules for the initial population, most wanted first (deduplicated, the first ``population``
-            kept; if fewer, the rest are their mutations).
+        seeds: schedules for the initial population, most wanted first (deduplicated; with more than
+            ``population``, the first half of it and an even spread over the rest; with fewer, the rest are their
+            mutations).
         checkpoint: JSON file written after every generation. With ``resume=True`` an existing checkpoint is
             continued (it must come from the same ``key``: model, data and settings); without it an existing
             checkpoint is an error, so a finished search is never overwritten by accident.
@@ -228,7 +229,11 @@ def _seed_population(genome: Genome, seeds: Sequence[Schedule], config: Evolutio
             unique.setdefault(_key(bits), bits)
     if not unique:
         raise SearchError("ECAD needs at least one seed schedule that reuses something")
-    chosen = list(unique.values())[: config.population]  # seeds come in order of preference
+    chosen = list(unique.values())
+    if len(chosen) > config.population:  # the most wanted half, and an even spread over the rest for the front
+        half = config.population // 2
+        picks = np.linspace(half, len(chosen) - 1, config.population - half).round().astype(int)
+        chosen = chosen[:half] + [chosen[i] for i in picks]
     population = [_Individual(bits) for bits in chosen]
     flip = config.flip_probability(genome.length)
     seen = set(unique)

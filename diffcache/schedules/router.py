@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import BLOCK, Adapter, TransformerAdapter
 from ..errors import SearchError, UnsupportedModelError
-from ..runtime.hooks import block_input, block_streams
+from ..runtime.hooks import block_input
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import CalibrationData
@@ -150,7 +150,7 @@ class _Slots:
         return hook
 
     def _block_hook(self, u: int, spec: Any) -> Any:
-        streams = block_streams(spec)
+        streams = spec.streams
 
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             outputs = output if spec.outputs is not None else (output,)
