@@ -312,8 +312,9 @@ class Executor:
         chained = len(chain) == len(self.plan.units) and all(
             all(a is b for a, b in zip(inputs, previous_outputs))
             for (_, previous_outputs), (inputs, _) in zip(chain, chain[1:]))
-        if not chained:  # something runs between blocks: keep caching block by block
+        if not chained:  # something runs between blocks: cache block by block
             self.fuse_blocks = False
+            self.needed = (~self.plan.recompute).any(axis=0).tolist()
             return
         if not self.chain_checked:  # from now on the per-block residuals are not needed
             self.chain_checked = True
