@@ -71,7 +71,9 @@ def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOC
         handle.remove()
     args, kwargs = captured[0]
     adapter = resolve_adapter(denoiser)
-    signature = repr((adapter.model_info, granularity, input_signature(args, kwargs)))
+    # The slots' module lists key the file too: an adapter that maps units differently must not read old profiles.
+    slots = sorted(slot_modules(adapter, granularity).items())
+    signature = repr((adapter.model_info, granularity, input_signature(args, kwargs), slots))
     path = cache_root() / "cost" / f"{hashlib.sha1(signature.encode()).hexdigest()[:20]}.json"
     cached = _load(path)
     if cached is not None:

@@ -45,3 +45,21 @@ def test_latency_profile_is_positive():
     present = resolve_adapter(pipe.transformer).layout("component").present  # DiT blocks have no attn2
     assert profile.measure == "ms" and profile.total > profile.slot_cost.sum()
     assert (profile.slot_cost[present] > 0).all() and (profile.slot_cost[~present] == 0).all()
+
+
+def test_saved_macs_profile_is_not_read_for_another_unit_mapping(monkeypatch):
+    """Profiles are saved per model and inputs; an adapter that maps its units to other modules (as the UNet's
+    whole-body unit did) must measure again instead of reading a profile of the old layout."""
+    pipe = build_pipeline("sd")
+    kwargs = call_kwargs("sd", num_inference_steps=1)
+    first = cost.profile_macs(pipe, kwargs, "block")
+    slot_modules = cost.slot_modules
+
+    def without_conv_in(adapter, granularity):
+        slots = slot_modules(adapter, granularity)
+        slots[0, 0] = [name for name in slots[0, 0] if name != "conv_in"]
+        return slots
+
+    monkeypatch.setattr(cost, "slot_modules", without_conv_in)
+    again = cost.profile_macs(pipe, kwargs, "block")
+    assert again.slot_cost[0, 0] < first.slot_cost[0, 0] and np.array_equal(again.slot_cost[1:], first.slot_cost[1:])
