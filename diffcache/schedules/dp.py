@@ -28,7 +28,7 @@ from ..errors import SearchError
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import Calibration
-from .presets import branch_unit, check_branch
+from .presets import search_branch
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,7 @@ def dp_schedule(calibration: Calibration, cost_model: CostModel, budget: Budget,
     ``weighted=False, bounded=True`` is CacheQuant as published."""
     steps = calibration.num_steps
     reuse = calibration.present.copy()
-    if calibration.family == "unet":
-        check_branch(calibration.units, branch, SearchError)
-        reuse[:branch_unit(branch)] = False
-    elif branch:
-        raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
+    reuse[:search_branch(calibration.family, calibration.units, branch)] = False
     weights = calibration.step_weights(metric) if weighted else np.ones(steps)
     distance = (calibration.normalized(metric) * reuse[:, :, None, None]).sum(axis=(0, 1)) * weights
     cost = segment_cost(distance)

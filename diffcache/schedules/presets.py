@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..adapters.base import BLOCK, Adapter, Layout
-from ..errors import ScheduleError
+from ..errors import ScheduleError, SearchError
 from ..schedule import Schedule
 
 PresetFn = Callable[..., np.ndarray]
@@ -225,6 +225,17 @@ def deepcache(
 def branch_unit(branch: int) -> int:
     """The UNet unit index of DeepCache's ``cache_branch_id`` (unit 0, branch -1, is the whole body)."""
     return branch + 1
+
+
+def search_branch(family: str, units: list[str], branch: int) -> int:
+    """A search's ``branch`` option: the first unit its reuse steps reuse (a UNet's DeepCache branch; 0 for
+    transformers, which reuse every block). Raises `SearchError` for a bad branch or one given to a transformer."""
+    if family != "unet":
+        if branch:
+            raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
+        return 0
+    check_branch(units, branch, SearchError)
+    return branch_unit(branch)
 
 
 def check_branch(units: list[str], branch: int, error: type[Exception] = ScheduleError) -> None:

@@ -29,7 +29,7 @@ from .budget import Budget, CostModel
 from .calibrate import Calibration, CalibrationData, calibrate, conditions_from
 from .dp import bac_schedule, dp_schedule
 from .evolution import EvolutionConfig, Genome, QualityFn, evolve
-from .presets import build_from_tag, check_branch
+from .presets import build_from_tag, search_branch
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +185,7 @@ def _bac(job: _Job, options: dict[str, Any]) -> Schedule:
 def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     options = dict(options)
     key_steps, branch = bool(options.pop("key_steps", False)), int(options.pop("branch", 0))
-    if branch and job.adapter.family != "unet":
-        raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
-    if job.adapter.family == "unet":
-        check_branch(job.adapter.unit_names, branch, SearchError)
+    search_branch(job.adapter.family, job.adapter.unit_names, branch)
     try:
         config = EvolutionConfig(**options)
     except TypeError as err:
