@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import DiffcacheError, PipelineNotFoundError
 from .eval.metrics import METRIC_NAMES
+from .schedule import FORECAST_ORDERS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -315,9 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
-    search.add_argument("--forecast", type=int, choices=[0, 1], default=0,
-                        help="1: reuse steps serve a first-order Taylor forecast of the cache (better quality, "
-                        "twice the cache memory); default 0 copies it")
+    search.add_argument("--forecast", type=int, choices=list(FORECAST_ORDERS), default=0,
+                        help="1 or 2: reuse steps serve a Taylor forecast of that order of the cache (better "
+                        "quality, 2 or 3 times the cache memory); default 0 copies it")
     search.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="method setting, repeatable: generations=20, population=24, branch=0, epochs=8, ...")
     search.set_defaults(handler=_search, parser=search)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "diffcache.schedule/1"
+FORECAST_ORDERS = (0, 1, 2)  # what a reuse step serves: the cached feature, or its Taylor forecast of that order
 _BIT_CHARS = {"1": True, "0": False, "-": None}
 
 
@@ -48,7 +49,9 @@ class Schedule:
         forecast: what a reuse step serves: ``0`` the cached feature as computed (DeepCache, FORA, ECAD);
             ``1`` a first-order Taylor forecast from the slot's last two computed values,
             ``F_last + (k - k_last) * (F_last - F_prev) / (k_last - k_prev)`` (TaylorSeer, order 1), which
-            keeps two features per slot in memory.
+            keeps two features per slot in memory; ``2`` adds the second-order term from the last three
+            (finite differences of the derivatives, ``+ d2 * (k - k_last)^2 / 2``; TaylorSeer's ``max_order=2``),
+            three features per slot.
 
     Raises:
         ScheduleError: wrong shape or dtype, duplicate names, a reuse at step 0, or a reuse in an absent slot.
@@ -65,9 +68,9 @@ class Schedule:
     forecast: int = 0
 
     def __post_init__(self) -> None:
-        if self.forecast not in (0, 1) or isinstance(self.forecast, bool):
-            raise ScheduleError(f"forecast must be 0 (reuse the cached feature) or 1 (first-order Taylor forecast), "
-                                f"got {self.forecast!r}")
+        if self.forecast not in FORECAST_ORDERS or isinstance(self.forecast, bool):
+            raise ScheduleError(f"forecast must be 0 (reuse the cached feature), 1 or 2 (Taylor forecast of that "
+                                f"order), got {self.forecast!r}")
         recompute = np.asarray(self.recompute)
         if recompute.dtype != np.bool_:
             if recompute.size and not np.isin(recompute, (0, 1)).all():

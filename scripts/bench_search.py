@@ -41,28 +41,31 @@ PRESETS = {
     "digits-unet": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=4",
                     "deepcache:interval=3,warmup=2,forecast=1", "deepcache:interval=4,warmup=2,forecast=1"],
 }
-# (method, forecast, options): reuse steps copy the cache (0) or serve its first-order forecast (1); ECAD over all
-# bits, or over the key steps only (one bit per step, every slot follows: 24 bits here)
+# (method, forecast, options): reuse steps copy the cache (0) or serve its Taylor forecast of order 1 or 2; ECAD over
+# all bits, or over the key steps only (one bit per step, every slot follows: 24 bits here; on the UNet reuse steps
+# reuse DeepCache's branch 0, or with BODY_KEYS the whole body: TaylorSeer's cut)
 KEYS = {"key_steps": 1}
+BODY_KEYS = {"key_steps": 1, "branch": -1}
 SPEED_NOISE = 0.03  # timings repeat within about this on the shared 2-core machine
 BATCH = 10  # calibration batch size
 # The searches that also run at each TaylorSeer setting's exact price (its compute pattern, priced by their cost model)
-MATCHED = [("dp", 1, {}), ("ecad", 1, {}), ("ecad", 1, KEYS)]
+MATCHED = [("dp", 1, {}), ("ecad", 1, {}), ("ecad", 1, KEYS), ("ecad", 2, KEYS), ("ecad", 1, BODY_KEYS),
+           ("ecad", 2, BODY_KEYS)]
 SEARCHES = {
     "digits-dit": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("router", 0, {}), ("dp", 1, {}),
                    ("ecad", 1, {}), ("ecad", 1, KEYS)],
     "digits-unet": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("dp", 1, {}), ("ecad", 1, {}),
-                    ("ecad", 1, KEYS)],
+                    ("ecad", 1, BODY_KEYS), ("ecad", 2, BODY_KEYS)],
 }
 # diffusers' hooks with settings that skip about 2x and 3x of the deep blocks at 25 steps (measured by counting
-# calls of the last block); FasterCache is listed to show why it is missing.
+# calls of the last block); TaylorSeer at its default order 1 and at max_order=2; FasterCache is listed to show why
+# it is missing.
+TAYLORSEER = [("taylorseer", {"cache_interval": n, "disable_cache_before_step": 2} | order)
+              for n in (2, 4) for order in ({}, {"max_order": 2})]
 BASELINES = {
     "digits-dit": [("first_block_cache", {"threshold": 0.10}), ("first_block_cache", {"threshold": 0.16}),
-                   ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 2}),
-                   ("taylorseer", {"cache_interval": 4, "disable_cache_before_step": 2}), ("faster_cache", {})],
-    "digits-unet": [("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 2}),
-                    ("taylorseer", {"cache_interval": 4, "disable_cache_before_step": 2}),
-                    ("first_block_cache", {"threshold": 0.1}), ("faster_cache", {})],
+                   *TAYLORSEER, ("faster_cache", {})],
+    "digits-unet": [*TAYLORSEER, ("first_block_cache", {"threshold": 0.1}), ("faster_cache", {})],
 }
 
 
@@ -83,12 +86,12 @@ def taylorseer_budgets(adapter, cost_models: dict[str, CostModel], settings: lis
     compute everything, the other steps reuse every slot) priced with the cost model the searches use, so a
     search gets exactly its cost, without timing noise."""
     budgets: dict[str, list[Budget]] = {}
+    patterns = dict.fromkeys((p["cache_interval"], p["disable_cache_before_step"]) for p in settings)  # any order
     for granularity, cost_model in cost_models.items():
         layout = adapter.layout(granularity)
         present = layout.present if layout.present is not None else True
-        for params in settings:
-            key = taylorseer_key_steps(NUM_INFERENCE_STEPS, params["cache_interval"],
-                                       params["disable_cache_before_step"])
+        for interval, warmup in patterns:
+            key = taylorseer_key_steps(NUM_INFERENCE_STEPS, interval, warmup)
             bits = np.broadcast_to(key[:, None, None] | ~np.asarray(present)[None],
                                    (NUM_INFERENCE_STEPS, len(layout.units), len(layout.components)))
             plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer", present=layout.present)
@@ -128,7 +131,8 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
                 pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
                 guidance_scale=GUIDANCE_SCALE, batch_size=BATCH, forecast=forecast, resume=True, progress=False,
                 granularity=granularity, cost_model=cost_models[granularity],
-                out_dir=Path(args.work) / name / f"{method}-f{forecast}{'-keys' if extra else ''}", **options,
+                out_dir=Path(args.work) / name / f"{method}-f{forecast}{'-keys' if extra else ''}{extra.get('branch', '')}",
+                **options,
             )
             search_cost[label(schedule)] = time.perf_counter() - start
             methods.append(schedule)

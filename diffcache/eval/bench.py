@@ -127,7 +127,9 @@ def label(method: str | Schedule) -> str:
     if isinstance(method, str):
         return method
     keys = method.method == "ecad" and method.params.get("key_steps")  # (dp's key_steps is a count)
-    options = (",key_steps=1" if keys else "") + (",forecast=1" if method.forecast else "")
+    branch = method.params.get("branch", 0) if keys else 0
+    options = ((",key_steps=1" if keys else "") + (f",branch={branch}" if branch else "")
+               + (f",forecast={method.forecast}" if method.forecast else ""))
     return method.tag or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
 
 

@@ -66,7 +66,8 @@ class CacheCorrection:
                              f"steps); fit it again for {schedule.tag or schedule.method} at {schedule.num_steps} "
                              "steps with diffcache.quant.fit_cache_correction")
         if schedule.forecast:
-            raise QuantError("a cache correction corrects copies of the cache; it does not apply to forecast=1")
+            raise QuantError("a cache correction corrects copies of the cache; it does not apply to forecasts "
+                             "(forecast=1 or 2)")
 
     def check_quant(self, quant: Any) -> None:
         """Raise `QuantError` unless the quantization-error part (if any) was fitted for ``quant``."""

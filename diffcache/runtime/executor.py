@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -345,20 +346,32 @@ class Executor:
     # Called by the hooks inside the denoiser's forward (traced when it is compiled): only dictionary reads and
     # writes, tensor math and integers that repeat across steps (``since``), so they add no graph break.
     def put(self, key: Any, value: Any) -> None:
-        """Cache a freshly computed value; a forecasting plan also keeps its slope from the previous value."""
-        if self.plan.forecast:
+        """Cache a freshly computed value; a forecasting plan also keeps its finite-difference derivatives (up to
+        the plan's order) from the previous value and its derivatives."""
+        order = self.plan.forecast
+        if order:
             gap = self.since.get(key)
-            slope = None if gap is None else _slope(value, self.store.values[key][0], gap)
-            value = (value, slope)
+            derivatives: list[Any] = []
+            if gap is not None:  # d_i = (d_{i-1} - previous d_{i-1}) / gap, as far as the previous value had them
+                _, previous = self.store.values[key]
+                current = value
+                for i in range(min(order, len(previous) + 1)):
+                    before = self.store.values[key][0] if i == 0 else previous[i - 1]
+                    current = _slope(current, before, gap)
+                    derivatives.append(current)
+            value = (value, tuple(derivatives))
         self.store.values[key] = value
         self.written.append(key)
 
     def cached(self, key: Any) -> Any:
-        """What a reuse step gets: the cached value, or its first-order Taylor forecast to the current step."""
+        """What a reuse step gets: the cached value, or its Taylor forecast to the current step."""
         if not self.plan.forecast:
             return self.store.values[key]
-        value, slope = self.store.values[key]
-        return value if slope is None else _forecast(value, slope, self.since[key])
+        value, derivatives = self.store.values[key]
+        steps = self.since[key]
+        for i, derivative in enumerate(derivatives, start=1):  # value + sum_i d_i * steps^i / i!
+            value = _forecast(value, derivative, steps ** i / math.factorial(i))
+        return value
 
     def warn_missing(self, what: str) -> None:
         self.warn_once(

@@ -5,8 +5,14 @@ recomputes). Each candidate generates the calibration images (the same seeds for
 numbers) and gets two objectives: quality against the full model (PSNR by default, or classifier accuracy /
 Fréchet distance on the digits models, or any callable) and predicted cost from the cost model. Following ECAD
 (specs/algorithms.md section 4): a seeded population (presets, DP solutions, their mutations), binary tournament
-on rank and crowding, k-point crossover, bit-flip mutation, NSGA-II survival; duplicate genomes are never
-evaluated twice. Every generation is checkpointed (JSON, atomic) and a run resumes exactly where it stopped.
+on rank and crowding, k-point crossover, mutation, NSGA-II survival; duplicate genomes are never evaluated
+twice. A mutation flips bits, or (``shift_prob``) rolls a random stretch of one slot's steps by one step: every
+key step in it moves one step later or earlier at the same cost. Moving the key steps of a good schedule takes
+two flips each, the first of which changes the cost and is usually selected away; a shift does it in one move.
+Given the budget, a key-step search then polishes its pick: a hill climb over moves that shift a run of
+consecutive key steps one step earlier or later (the cost stays, the gaps around the run change by one), best
+move first, for up to ``polish`` more candidates.
+Every generation and polish round is checkpointed (JSON, atomic) and a run resumes exactly where it stopped.
 Under ``accelerate launch`` the candidates of a generation are split over the processes.
 
 On a UNet a step's bits must be a shell prefix (``1..10..0``); the genome keeps one bit per unit and a step
@@ -24,7 +30,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +60,10 @@ _CHECKPOINT_FORMAT = "diffcache.ecad-checkpoint/1"
 class EvolutionConfig:
     """NSGA-II settings (ECAD's released run: population 72, 4-point crossover p=0.9, sparse bit flips).
 
-    ``mutation_prob`` is per offspring; a mutated offspring flips each bit with ``bit_flip_prob`` (default
-    ``2 / genome length``). CPU-sized defaults: a smaller population and stronger mutation than ECAD's GPU runs.
+    ``mutation_prob`` is per offspring; a mutated offspring is shifted with ``shift_prob`` (see the module doc),
+    else flips each bit with ``bit_flip_prob`` (default ``2 / genome length``). CPU-sized defaults: a smaller
+    population and stronger mutation than ECAD's GPU runs. ``polish``: candidates a key-step search may spend
+    improving its pick for the budget (0: none).
     """
 
     population: int = 16
@@ -64,6 +72,8 @@ class EvolutionConfig:
     crossover_points: int = 4
     mutation_prob: float = 0.5
     bit_flip_prob: float | None = None
+    shift_prob: float = 0.5
+    polish: int = 120
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,10 +81,13 @@ class EvolutionConfig:
             raise SearchError(f"population must be a multiple of 4 (NSGA-II tournament pairs), got {self.population}")
         if self.generations < 0:
             raise SearchError(f"generations must be >= 0, got {self.generations}")
+        if self.polish < 0:
+            raise SearchError(f"polish must be >= 0 candidates, got {self.polish}")
 
-    def flip_probability(self, length: int) -> float:
-        """Per-bit flip probability of a mutation for a genome of ``length`` bits."""
-        return self.bit_flip_prob or min(0.5, 2.0 / max(length, 1))
+    def mutation(self, genome: Genome) -> _Mutation:
+        """The mutation operator for ``genome``."""
+        flip = self.bit_flip_prob or min(0.5, 2.0 / max(genome.length, 1))
+        return _Mutation(flip, self.shift_prob, genome.stride)
 
 
 class _Fitness(base.Fitness):
@@ -118,6 +131,8 @@ class Genome:
         if unet:
             self.reuse[:branch_unit(branch)] = False
         self.length = template.num_steps - 1 if key_steps else int(self.mask.sum())
+        # bits from a slot at one step to the same slot at the next (every step has the same slots)
+        self.stride = self.length // (template.num_steps - 1) if template.num_steps > 1 else 1
 
     def encode(self, schedule: Schedule) -> list[int]:
         if self.key_steps:
@@ -150,6 +165,7 @@ def evolve(
     key: str = "",
     progress: bool = True,
     extra: Sequence[tuple[Any, Any]] = (),
+    budget: Budget | None = None,
 ) -> EvolutionResult:
     """Run NSGA-II; returns the Pareto front of everything evaluated.
 
@@ -162,6 +178,7 @@ def evolve(
             checkpoint is an error, so a finished search is never overwritten by accident.
         key: identifies the search setting, checked on resume.
         extra: hooks every candidate runs with (quantized layers); the reference stays the full float model.
+        budget: where a key-step genome's pick is polished (``config.polish``); ``None``: no polish.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -202,18 +219,55 @@ def evolve(
         population = tools.selNSGA2(population, config.population)
         start, history = 0, [_progress(0, cache)]
         _save(path, setting, population, 0, cache, rng, history, state.is_main_process)
-    flip = config.flip_probability(genome.length)
+    mutate = config.mutation(genome)
     for generation in tqdm(range(start + 1, config.generations + 1), desc="ECAD generations",
                            initial=start, total=config.generations, disable=not progress):
-        offspring = _offspring(population, config, flip, rng)
+        offspring = _offspring(population, config, mutate, rng)
         evaluate(offspring)
         population = tools.selNSGA2(population + offspring, config.population)
         history.append(_progress(generation, cache))
         _save(path, setting, population, generation, cache, rng, history, state.is_main_process)
         logger.info("ECAD generation %d: %d schedules evaluated, hypervolume %.4f", generation,
                     len(cache), history[-1]["hypervolume"])
+    if budget is not None and genome.key_steps and config.polish:
+        for _ in _polish(cache, evaluate, budget, config.polish):
+            _save(path, setting, population, config.generations, cache, rng, history, state.is_main_process)
     front = [genome.decode([int(b) for b in bits], quality=q, cost=c) for bits, (q, c) in _front(cache)]
     return EvolutionResult(front, history)
+
+
+def _polish(cache: dict[str, tuple[float, float]], evaluate: Callable[[list[_Individual]], None], budget: Budget,
+            limit: int) -> Iterator[None]:
+    """Hill-climb from the best evaluated key-step genome within ``budget`` by `_shifts`, best move first, over at
+    most ``limit`` neighbours (evaluated ones count too, so a resumed run climbs the same path); yields after
+    every round."""
+    fitting = [(bits, q) for bits, (q, c) in _front(cache) if c <= budget.fraction + 1e-9]
+    if not fitting:
+        return
+    current, best = max(fitting, key=lambda item: item[1])
+    while limit > 0:
+        neighbours = _shifts(current)[:limit]
+        limit -= len(neighbours)
+        evaluate([_Individual(int(b) for b in bits) for bits in neighbours])
+        yield
+        scored = [(cache[bits][0], bits) for bits in neighbours if cache[bits][1] <= budget.fraction + 1e-9]
+        if not scored or max(scored)[0] <= best:
+            return
+        best, current = max(scored)
+
+
+def _shifts(bits: str) -> list[str]:
+    """Key-step genomes with one run of consecutive key steps moved one step earlier or later (in order)."""
+    keys = [i for i, b in enumerate(bits) if b == "1"]
+    moves = []
+    for first in range(len(keys)):
+        for last in range(first, len(keys)):
+            for step in (-1, 1):
+                moved = [*keys[:first], *(k + step for k in keys[first : last + 1]), *keys[last + 1 :]]
+                chosen = set(moved)
+                if 0 <= moved[first] and moved[last] < len(bits) and len(chosen) == len(moved):
+                    moves.append("".join("1" if i in chosen else "0" for i in range(len(bits))))
+    return list(dict.fromkeys(moves))
 
 
 def _key(individual: Sequence[int]) -> str:
@@ -235,27 +289,44 @@ def _seed_population(genome: Genome, seeds: Sequence[Schedule], config: Evolutio
         picks = np.linspace(half, len(chosen) - 1, config.population - half).round().astype(int)
         chosen = chosen[:half] + [chosen[i] for i in picks]
     population = [_Individual(bits) for bits in chosen]
-    flip = config.flip_probability(genome.length)
+    mutate = config.mutation(genome)
     seen = set(unique)
     while len(population) < config.population:
         child = _Individual(rng.choice(chosen))
-        _mutate(child, flip, rng)
+        mutate(child, rng)
         if _key(child) not in seen:
             seen.add(_key(child))
             population.append(child)
     return population
 
 
-def _mutate(individual: _Individual, flip: float, rng: random.Random) -> None:
-    """Bit-flip mutation that changes at least one bit."""
-    flipped = False
-    for i in range(len(individual)):
-        if rng.random() < flip:
+@dataclass(frozen=True)
+class _Mutation:
+    """Changes at least one bit: a shift with probability ``shift``, else bit flips with probability ``flip``
+    each. A shift rolls steps ``a..b`` of one slot (bits ``stride`` apart) by one step, so it keeps the count."""
+
+    flip: float
+    shift: float
+    stride: int
+
+    def __call__(self, individual: _Individual, rng: random.Random) -> None:
+        before = list(individual)
+        if rng.random() < self.shift:
+            lane = rng.randrange(self.stride)
+            steps = list(range(lane, len(individual), self.stride))
+            if len(steps) > 1:
+                a, b = sorted(rng.sample(range(len(steps)), 2))
+                stretch = [individual[i] for i in steps[a : b + 1]]
+                stretch = stretch[-1:] + stretch[:-1] if rng.random() < 0.5 else stretch[1:] + stretch[:1]
+                for i, bit in zip(steps[a : b + 1], stretch):
+                    individual[i] = bit
+        else:
+            for i in range(len(individual)):
+                if rng.random() < self.flip:
+                    individual[i] = 1 - individual[i]
+        if list(individual) == before:  # nothing moved (a stretch of equal bits, or no flip drawn)
+            i = rng.randrange(len(individual))
             individual[i] = 1 - individual[i]
-            flipped = True
-    if not flipped:
-        i = rng.randrange(len(individual))
-        individual[i] = 1 - individual[i]
 
 
 def _crossover(a: _Individual, b: _Individual, points: int, rng: random.Random) -> None:
@@ -265,7 +336,7 @@ def _crossover(a: _Individual, b: _Individual, points: int, rng: random.Random) 
         a[start:stop], b[start:stop] = b[start:stop], a[start:stop]
 
 
-def _offspring(population: list[_Individual], config: EvolutionConfig, flip: float, rng: random.Random
+def _offspring(population: list[_Individual], config: EvolutionConfig, mutate: _Mutation, rng: random.Random
                ) -> list[_Individual]:
     state = random.getstate()  # deap's tournament draws from the global generator: run it on ours
     random.setstate(rng.getstate())
@@ -280,13 +351,13 @@ def _offspring(population: list[_Individual], config: EvolutionConfig, flip: flo
             _crossover(a, b, config.crossover_points, rng)
         for child in (a, b):
             if rng.random() < config.mutation_prob:
-                _mutate(child, flip, rng)
+                mutate(child, rng)
     seen = {_key(p) for p in population}
     for child in children:  # duplicates waste an evaluation slot: nudge them
         for _ in range(3):
             if _key(child) not in seen:
                 break
-            _mutate(child, flip, rng)
+            mutate(child, rng)
         seen.add(_key(child))
     return children
 

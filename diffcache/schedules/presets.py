@@ -3,8 +3,8 @@
 
 A tag is ``name[:key=value,...]``. Presets register with :func:`register_preset`; the parameters a tag may
 set are the keyword arguments of the registered function (typed by their defaults), so adding a preset never
-means editing a parser. Every tag also takes ``forecast=1`` (serve reuse steps a first-order Taylor forecast
-instead of the cached feature, see `Schedule`). A schedule made from a preset keeps ``method``/``params`` and
+means editing a parser. Every tag also takes ``forecast=1`` or ``2`` (serve reuse steps a Taylor forecast of that
+order instead of the cached feature, see `Schedule`). A schedule made from a preset keeps ``method``/``params`` and
 is regenerated exactly at another step count.
 """
 

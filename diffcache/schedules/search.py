@@ -24,7 +24,7 @@ from ..adapters import BLOCK, Adapter, Layout, denoiser_of, resolve_adapter
 from ..errors import SearchError
 from ..files import write_atomic
 from ..runtime import suspended
-from ..schedule import Schedule
+from ..schedule import FORECAST_ORDERS, Schedule
 from .budget import Budget, CostModel
 from .calibrate import Calibration, CalibrationData, calibrate, conditions_from
 from .dp import bac_schedule, dp_schedule
@@ -74,8 +74,8 @@ def search(
         out_dir: keeps the calibration, the ECAD checkpoint, its Pareto front (``ecad-front.json``,
             ``ecad-pareto.png``) and router logits; needed for ``resume``.
         resume: continue an interrupted ECAD run from ``out_dir``.
-        forecast: ``1`` makes reuse steps serve a first-order Taylor forecast (see `Schedule`); ECAD then
-            judges every candidate with forecasting.
+        forecast: ``1`` or ``2`` makes reuse steps serve a Taylor forecast of that order (see `Schedule`); ECAD
+            then judges every candidate with forecasting.
         quant: search for the quantized model (what ``accelerate(..., quant=)`` takes): calibration features
             and ECAD candidates come from it, quality is still measured against the float model (dp, bac, ecad).
         cost_model: price schedules with this model (``CostModel.measure_on(pipe, call_kwargs, measure,
@@ -91,6 +91,9 @@ def search(
     """
     if method not in METHODS:
         raise SearchError(f"unknown search method {method!r}; choose from {list(METHODS)}")
+    if forecast not in FORECAST_ORDERS or isinstance(forecast, bool):
+        raise SearchError(f"forecast must be one of {list(FORECAST_ORDERS)} (0: reuse the cached feature, 1 or 2: "
+                          f"Taylor forecast of that order), got {forecast!r}")
     budget = Budget.parse(budget)
     denoiser = denoiser_of(pipe)
     adapter = resolve_adapter(denoiser)
@@ -204,7 +207,7 @@ def _ecad(job: _Job, options: dict[str, Any]) -> Schedule:
     key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
                 getattr(score, "__name__", "custom"), *genome_kind, *([job.extra_key] if job.extra_key else [])])
     result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
-                    progress=job.progress, resume=job.resume, extra=job.extra,
+                    progress=job.progress, resume=job.resume, extra=job.extra, budget=job.budget,
                     checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)
     if job.out is not None:
         name = job.quality if isinstance(job.quality, str) else "quality"

@@ -150,16 +150,17 @@ def test_unknown_name_lists_baselines():
             pass
 
 
+@pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
-def test_diffcache_reproduces_taylorseer_at_its_key_steps(model):
+def test_diffcache_reproduces_taylorseer_at_its_key_steps(model, order):
     """TaylorSeer's compute pattern (`taylorseer_key_steps`) with the whole body forecast (a UNet's unit 0, every
-    DiT block) gives TaylorSeer's images: the searches are seeded with it and priced against it."""
+    DiT block) gives TaylorSeer's images, at either order: the searches are seeded with it and priced against it."""
     import diffcache
     from diffcache.adapters import denoiser_of, resolve_adapter
     from diffcache.schedules.search import taylorseer_key_steps
 
     pipe = pipeline(model)
-    params = {"cache_interval": 3, "disable_cache_before_step": 2}
+    params = {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": order}
     leaf = next(leaf for m, name, _, leaf in APPLICABLE if m == model and name == "taylorseer")
     with counting(pipe, leaf) as calls:
         with diffusers_cache(pipe, "taylorseer", **params):
@@ -168,7 +169,7 @@ def test_diffcache_reproduces_taylorseer_at_its_key_steps(model):
     assert calls[0] == key.sum() and key.tolist()[:4] == [True, True, False, True]
     layout = resolve_adapter(denoiser_of(pipe)).layout()
     bits = np.broadcast_to(key[:, None, None], (STEPS, len(layout.units), 1))
-    with diffcache.accelerated(pipe, diffcache.Schedule(bits, layout.units, layout.components, forecast=1)):
+    with diffcache.accelerated(pipe, diffcache.Schedule(bits, layout.units, layout.components, forecast=order)):
         ours = generate(pipe)
     full = generate(pipe)
     assert 25 < psnr(theirs, full) < 80

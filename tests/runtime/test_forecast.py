@@ -1,4 +1,4 @@
-"""``forecast=1``: reuse steps serve a first-order Taylor forecast of the cached feature (TaylorSeer, order 1)."""
+"""``forecast=1`` / ``2``: reuse steps serve a Taylor forecast of the cached feature (TaylorSeer, order 1 / 2)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ def test_forecast_extrapolates_from_the_last_two_computed_values():
         assert seen == expected
 
 
+def test_second_order_forecast_uses_the_last_three_computed_values():
+    pipe = build_pipeline("dit")
+    ff = pipe.transformer.transformer_blocks[0].ff
+    feed = {}
+    ff.forward = lambda hidden_states, *args, **kwargs: torch.full_like(hidden_states, next(feed["values"]))
+    seen = []
+    ff.register_forward_hook(lambda _m, _a, out: seen.append(float(out.flatten()[0])))
+    plan = Schedule.from_tag("fora:interval=1", pipe.transformer, 6)
+    bits = plan.recompute.copy()
+    bits[[2, 4, 5], 0, plan.components.index("ff")] = False  # ff runs at steps 0, 1, 3: k^2 + 1 = 1, 2, 10
+    # at step 3: d1 = (10 - 2) / 2 = 4, d2 = (4 - 1) / 2 = 1.5; step 4: 10 + 4 + 1.5 / 2, step 5: 10 + 8 + 1.5 * 2
+    for forecast, expected in ((2, [1, 2, 3, 10, 14.75, 21]), (1, [1, 2, 3, 10, 14, 18]), (0, [1, 2, 2, 10, 10, 10])):
+        feed["values"] = iter([1.0, 2.0, 10.0])
+        seen.clear()
+        diffcache.accelerate(pipe, Schedule(bits, plan.units, plan.components, forecast=forecast))
+        run(pipe, "dit", steps=6)
+        assert seen == expected, forecast
+
+
 @pytest.mark.parametrize("name", ["sd", "dit"])
 def test_forecast_keeps_the_identities(name):
     pipe = build_pipeline(name)
@@ -60,12 +79,13 @@ def test_forecast_is_closer_to_full_on_the_trained_models(name, tag):
 
     full = images()
     quality, memory = {}, {}
-    for forecast in (0, 1):
+    for forecast in (0, 1, 2):
         with diffcache.accelerated(pipe, f"{tag},forecast={forecast}"):
             quality[forecast] = psnr(images(), full)
             memory[forecast] = diffcache.summary(pipe).peak_cache_bytes
     assert quality[1] > quality[0] + 3, quality  # measured: about +9 dB (UNet) and +5 dB (DiT) at 25 steps
-    assert memory[1] == 2 * memory[0]  # the previous feature is kept beside the last one
+    assert quality[2] > quality[0] + 3, quality
+    assert memory[1] == 2 * memory[0] and memory[2] == 3 * memory[0]  # one tensor per derivative beside the feature
 
 
 def test_forecast_in_json_tags_and_resampling(tmp_path):
@@ -80,7 +100,8 @@ def test_forecast_in_json_tags_and_resampling(tmp_path):
     assert "forecast" not in plain.to_dict()  # files without forecasting stay as before
     searched = Schedule(plain.recompute, plain.units, plain.components, "dp", forecast=1)
     assert searched.resample(12).forecast == 1
-    for bad in (2, -1, True, "1"):
+    assert Schedule.from_tag("uniform:interval=3,forecast=2", pipe.transformer, 9).resample(12).forecast == 2
+    for bad in (3, -1, True, "1"):
         with pytest.raises(ScheduleError, match="forecast must be 0"):
             Schedule(plain.recompute, plain.units, plain.components, forecast=bad)
 

@@ -80,15 +80,17 @@ def test_calibration_errors(dit, tmp_path):
         CalibrationData([])
 
 
-def run_ecad(pipe, generations: int, checkpoint=None, resume=False, population: int = 8):
-    d = data()
+def run_ecad(pipe, generations: int, checkpoint=None, resume=False, population: int = 8, steps: int = STEPS,
+             key_steps: bool = False, **options):
+    d = data(num_inference_steps=steps)
     adapter = resolve_adapter(denoiser_of(pipe))
-    genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", adapter, STEPS), unet=False)
-    seeds = [diffcache.Schedule.from_tag(f"fora:interval={n}", adapter, STEPS) for n in (2, 3)]
+    genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", adapter, steps), unet=False, key_steps=key_steps)
+    seeds = [diffcache.Schedule.from_tag(f"fora:interval={n}", adapter, steps) for n in (2, 3)]
     cost = CostModel("recompute")
-    config = EvolutionConfig(population=population, generations=generations, seed=3)
+    budget = options.pop("budget", None)
+    config = EvolutionConfig(population=population, generations=generations, seed=3, **options)
     return evolve(pipe, d, genome, cost, quality_function("psnr"), seeds, config, checkpoint=checkpoint,
-                  resume=resume, key="test", progress=False)
+                  resume=resume, key="test", progress=False, budget=budget)
 
 
 def test_ecad_front_is_non_dominated_and_improves(dit):
@@ -127,6 +129,30 @@ def test_ecad_resume_reproduces_the_uninterrupted_run(dit, tmp_path):
         run_ecad(dit, generations=3, checkpoint=path, resume=True)
 
 
+def test_shifts_move_runs_of_key_steps():
+    from diffcache.schedules.evolution import _shifts
+
+    # key steps at bits 1 and 3: move either alone, or both, one step either way where they stay in range
+    assert sorted(_shifts("0101")) == sorted(["1001", "0011", "1010", "0110"])
+    assert all(s.count("1") == 4 for s in _shifts("1011001")) and len(_shifts("1011001")) == 8
+
+
+def test_polish_improves_the_pick_within_budget_and_resumes(dit, tmp_path):
+    budget = Budget("recompute", 0.5)
+    plain = run_ecad(dit, generations=1, steps=8, key_steps=True, polish=0)
+    path = tmp_path / "ckpt.json"
+    polished = run_ecad(dit, generations=1, steps=8, key_steps=True, polish=30, budget=budget, checkpoint=path)
+    before, after = plain.pick(budget), polished.pick(budget)
+    assert after.recompute_fraction <= 0.5 and after.meta["quality"] > before.meta["quality"]
+    evaluated = len(json.loads(path.read_text())["evaluated"])
+    assert 0 < evaluated - plain.history[-1]["evaluated"] <= 30
+    again = run_ecad(dit, generations=1, steps=8, key_steps=True, polish=30, budget=budget, checkpoint=path,
+                     resume=True)
+    assert again.pick(budget).to_dict() == after.to_dict()
+    with pytest.raises(SearchError, match="polish must be >= 0"):
+        EvolutionConfig(polish=-1)
+
+
 def test_unet_genome_decodes_to_valid_shells():
     pipe = build_pipeline("sd")
     adapter = resolve_adapter(denoiser_of(pipe))
@@ -154,6 +180,35 @@ def test_key_step_genome_round_trips_presets():
     fora = diffcache.Schedule.from_tag("fora:interval=3,warmup=2", dit, 8)
     assert genome.encode(fora) == [1, 0, 0, 1, 0, 0, 1]
     assert genome.decode(genome.encode(fora)).recompute.tolist() == fora.recompute.tolist()
+
+
+@pytest.mark.parametrize("key_steps", [False, True])
+def test_shift_mutation_moves_computed_slots_along_the_steps_at_the_same_cost(key_steps):
+    import random
+
+    dit = resolve_adapter(denoiser_of(build_pipeline("dit")))
+    template = diffcache.Schedule.from_tag("none", dit, 9)
+    genome = Genome(template, unet=False, key_steps=key_steps)
+    assert genome.stride == (1 if key_steps else len(dit.unit_names) * len(template.components))
+    mutate = EvolutionConfig(shift_prob=1.0).mutation(genome)
+    rng, moved = random.Random(0), 0
+    for _ in range(200):
+        bits = [rng.randint(0, 1) for _ in range(genome.length)]
+        child = list(bits)
+        mutate(child, rng)
+        changed = np.flatnonzero(np.array(bits) != np.array(child))
+        if sum(child) == sum(bits):  # a shift: one slot's bits rolled, each slot keeps its count
+            moved += 1
+            assert len(set((changed % genome.stride).tolist())) == 1
+            for lane in range(genome.stride):
+                assert sum(child[lane::genome.stride]) == sum(bits[lane::genome.stride])
+        else:  # the stretch drawn held equal bits: one flip instead, never an unchanged child
+            assert sum(a != b for a, b in zip(bits, child)) == 1
+    assert moved > 100
+    flips = EvolutionConfig(shift_prob=0.0).mutation(genome)
+    child = [0] * genome.length
+    flips(child, rng)
+    assert sum(child) >= 1
 
 
 @pytest.mark.parametrize("method", ["dp", "bac", "ecad", "router"])
@@ -188,6 +243,8 @@ def test_search_bad_input(dit):
         diffcache.search(dit, LABELS, "magic")
     with pytest.raises(SearchError, match="cannot read budget"):
         diffcache.search(dit, LABELS, "dp", "fast")
+    with pytest.raises(SearchError, match="forecast must be one of"):
+        diffcache.search(dit, LABELS, "dp", "2x", forecast=3)
     with pytest.raises(SearchError, match="ecad options"):
         diffcache.search(dit, LABELS, "ecad", "2x", num_inference_steps=STEPS, progress=False, generation=3)
     with pytest.raises(UnsupportedModelError, match="transformers"):
