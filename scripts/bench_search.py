@@ -131,7 +131,8 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
                 pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
                 guidance_scale=GUIDANCE_SCALE, batch_size=BATCH, forecast=forecast, resume=True, progress=False,
                 granularity=granularity, cost_model=cost_models[granularity],
-                out_dir=Path(args.work) / name / f"{method}-f{forecast}{'-keys' if extra else ''}{extra.get('branch', '')}",
+                out_dir=Path(args.work) / name / (f"{method}-f{forecast}{'-keys' if extra else ''}"
+                                                  f"{extra.get('branch', '')}"),
                 **options,
             )
             search_cost[label(schedule)] = time.perf_counter() - start

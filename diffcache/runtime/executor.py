@@ -353,10 +353,9 @@ class Executor:
             gap = self.since.get(key)
             derivatives: list[Any] = []
             if gap is not None:  # d_i = (d_{i-1} - previous d_{i-1}) / gap, as far as the previous value had them
-                _, previous = self.store.values[key]
+                last, previous = self.store.values[key]
                 current = value
-                for i in range(min(order, len(previous) + 1)):
-                    before = self.store.values[key][0] if i == 0 else previous[i - 1]
+                for before in (last, *previous)[:order]:
                     current = _slope(current, before, gap)
                     derivatives.append(current)
             value = (value, tuple(derivatives))
