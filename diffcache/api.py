@@ -19,13 +19,15 @@ from .runtime import (
     Executor,
     add_hooks,
     attach,
+    bind,
     check_detachable,
     detach,
     find_attachment,
     suspended,
 )
+from .runtime.mechanisms import mechanism_class
 from .schedule import Schedule
-from .schedules.presets import build_from_tag
+from .schedules.presets import build_from_tag, resample, tag_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,25 +86,29 @@ def accelerate(
     if correction is not None:
         correction.check(adapter, plan_for(correction.num_steps))
         correction.check_quant(quant)
-    executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None)
-    executor.correction = correction
-    hooks = []
+    hooks, quant_note = [], None
     if quant is not None:  # built before anything changes, so a bad quantization leaves the pipeline as it was
         from .quant.hooks import quant_hooks
 
-        hooks, executor.quant_note = quant_hooks(adapter, quant, executor)
+        hooks, quant_note = quant_hooks(adapter, quant, None)
         if correction is not None:
             correction.correct_layers(hooks)
-        logger.info("diffcache: %s", executor.quant_note)
+        logger.info("diffcache: %s", quant_note)
+    if quant is not None and not keep_float_weights:
+        from .quant.hooks import float_weight_bytes
+
+        quant_note += f"; float weights released ({float_weight_bytes(hooks) / 2**20:.1f} MiB freed)"
+    executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None,
+                        correction=correction, quant_note=quant_note)
+    bind(hooks, executor)
     detach(denoiser)
     attach(denoiser, executor, granularity)
     add_hooks(denoiser, hooks, QUANT_HOOK)
     if quant is not None and not keep_float_weights:
         from .quant.hooks import release_float_weights
 
-        freed = release_float_weights(hooks)
+        release_float_weights(hooks)
         find_attachment(denoiser).released = True
-        executor.quant_note += f"; float weights released ({freed / 2**20:.1f} MiB freed)"
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
 
@@ -147,7 +153,7 @@ def summary(pipe: Pipeline) -> CacheSummary:
         plan = executor.plan_for(_VALIDATION_STEPS)
     return CacheSummary(
         method=plan.method,
-        tag=plan.tag,
+        tag=tag_of(plan),
         units=list(plan.units),
         components=list(plan.components),
         num_steps=plan.num_steps,
@@ -188,9 +194,10 @@ def _plan_source(schedule: ScheduleLike, adapter: Adapter) -> tuple[Callable[[in
         first = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
 
         def build(num_steps: int) -> Schedule:
-            return first.resample(num_steps)
+            return resample(first, num_steps)
 
     adapter.check_schedule(first)
+    mechanism_class(first)  # an unknown reuse mechanism fails here, not in the pipeline's first step
     plans: dict[int, Schedule] = {first.num_steps: first}
 
     def plan_for(num_steps: int) -> Schedule:
@@ -208,5 +215,5 @@ def _is_path(text: str) -> bool:
 
 def _describe(schedule: ScheduleLike) -> str:
     if isinstance(schedule, Schedule):
-        return schedule.tag or f"a {schedule.method} schedule ({schedule.num_steps} steps)"
+        return tag_of(schedule) or f"a {schedule.method} schedule ({schedule.num_steps} steps)"
     return str(schedule)

@@ -14,7 +14,10 @@ from typing import Any
 
 from .errors import DiffcacheError, PipelineNotFoundError
 from .eval.metrics import METRIC_NAMES
+from .eval.quality import quality_names
 from .schedule import FORECAST_ORDERS
+from .schedules.methods import search_methods
+from .schedules.search import search as _search_fn  # noqa: F401  (registers the built-in search methods)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -49,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from . import accelerate, summary
+    from .data import generate
     from .eval.metrics import to_uint8
     from .loading import generation_kwargs, is_class_conditional
 
@@ -59,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     accelerate(pipe, args.schedule, quant=args.quant, keep_float_weights=False)  # one image, nothing to restore
     condition = args.class_label if conditional else args.prompt
     kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
-    Image.fromarray(to_uint8(pipe(**kwargs).images[0])).save(args.out)
+    Image.fromarray(to_uint8(generate(pipe, kwargs)[0])).save(args.out)
     print(summary(pipe))  # with --quant, its last line says which layers run int8 and which are simulated
     print(f"wrote {args.out}")
     return 0
@@ -305,13 +309,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _pipeline_args(search)
     search.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
-    search.add_argument("--method", choices=["dp", "bac", "ecad", "router"], default="dp", help="default dp")
+    search.add_argument("--method", choices=search_methods(), default="dp", help="default dp")
     search.add_argument("--budget", default="2x",
                         help="'2x' (MACs speedup), 'latency:2x', 'recompute:0.4' or a MACs fraction (default 2x)")
     search.add_argument("--out", required=True, help="schedule JSON to write")
     search.add_argument("--granularity", choices=["block", "component"], default=None,
                         help="default: component for bac/ecad/router on transformers, else block")
-    search.add_argument("--quality", choices=["psnr", "accuracy", "fid"], default="psnr",
+    search.add_argument("--quality", choices=quality_names(), default="psnr",
                         help="ECAD quality objective (accuracy/fid: digits models only; default psnr vs full)")
     search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")

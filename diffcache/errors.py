@@ -38,3 +38,7 @@ class SearchError(DiffcacheError, ValueError):
 
 class QuantError(DiffcacheError, ValueError):
     """A quantization config or calibration is invalid, or was made for another model or step count."""
+
+
+class MissingExtraError(DiffcacheError, ImportError):
+    """A feature needs a package from an optional extra that is not installed; the message names the extra."""

@@ -11,6 +11,15 @@ from pathlib import Path
 import numpy as np
 
 
+def cache_root() -> Path:
+    """Where measurements are kept between runs: ``$DIFFCACHE_CACHE`` (default ``~/.cache/diffcache``).
+
+    MAC profiles (``cost/``) depend only on the architecture and input shapes, which key their file names;
+    calibrations (``calibration/``) are keyed by model config and calibration data.
+    """
+    return Path(os.environ.get("DIFFCACHE_CACHE", Path.home() / ".cache" / "diffcache"))
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)

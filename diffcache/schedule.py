@@ -12,20 +12,14 @@ component (``1`` recompute, ``0`` reuse, ``-`` the unit has no such component), 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import ScheduleError
 from .files import write_atomic
-
-if TYPE_CHECKING:
-    import torch
-
-logger = logging.getLogger(__name__)
 
 FORMAT = "diffcache.schedule/1"
 FORECAST_ORDERS = (0, 1, 2)  # what a reuse step serves: the cached feature, or its Taylor forecast of that order
@@ -52,6 +46,8 @@ class Schedule:
             keeps two features per slot in memory; ``2`` adds the second-order term from the last three
             (finite differences of the derivatives, ``+ d2 * (k - k_last)^2 / 2``; TaylorSeer's ``max_order=2``),
             three features per slot.
+        reuse: the registered reuse mechanism that serves reuse steps (`diffcache.runtime.mechanisms`); empty
+            means ``"taylor"`` with a forecast and ``"copy"`` (the cached value) without.
 
     Raises:
         ScheduleError: wrong shape or dtype, duplicate names, a reuse at step 0, or a reuse in an absent slot.
@@ -66,8 +62,11 @@ class Schedule:
     meta: dict[str, Any] = field(default_factory=dict)
     present: np.ndarray | None = None
     forecast: int = 0
+    reuse: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reuse, str):
+            raise ScheduleError(f"reuse must be the name of a reuse mechanism (a string), got {self.reuse!r}")
         if self.forecast not in FORECAST_ORDERS or isinstance(self.forecast, bool):
             raise ScheduleError(f"forecast must be 0 (reuse the cached feature), 1 or 2 (Taylor forecast of that "
                                 f"order), got {self.forecast!r}")
@@ -148,13 +147,6 @@ class Schedule:
         """``1 - cache_usage_ratio``: the fraction of slots that run."""
         return 1.0 - self.cache_usage_ratio
 
-    @property
-    def tag(self) -> str | None:
-        """The preset tag that regenerates this plan (``"deepcache:interval=3,branch=0"``), or ``None``."""
-        from .schedules.presets import format_tag, is_preset
-
-        return format_tag(self.method, self.params) if is_preset(self.method) else None
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Schedule):
             return NotImplemented
@@ -165,41 +157,6 @@ class Schedule:
             f"Schedule(method={self.method!r}, params={self.params}, num_steps={self.num_steps}, "
             f"units={len(self.units)}, components={self.components}, cache_usage_ratio={self.cache_usage_ratio:.3f})"
         )
-
-    # -------------------------------------------------------------------------------------------- transforms
-    def resample(self, num_steps: int) -> Schedule:
-        """Return the plan for another step count (a new object; this one is unchanged).
-
-        Presets are regenerated exactly from their parameters (unless their bits were edited by hand, which makes
-        them custom plans). Other plans (searched ones) are mapped on the
-        normalized time axis: old step ``k`` lands on new step ``floor(k * num_steps / self.num_steps)``, a
-        new step recomputes a slot if any old step landing on it did, and step 0 always recomputes. Going to
-        fewer steps therefore keeps every refresh (more recompute, never less); going to more steps keeps the
-        refreshes at the same relative times. A warning is logged because a searched plan was optimized for
-        its own step count.
-        """
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ScheduleError(f"num_steps must be a positive int, got {num_steps!r}")
-        if num_steps == self.num_steps:
-            return self
-        from .schedules.presets import is_preset, regenerate
-
-        if is_preset(self.method) and regenerate(self, self.num_steps) == self:
-            return regenerate(self, num_steps)
-        logger.warning(
-            "Schedule %r was made for %d steps and is resampled to %d; it was not searched for this step count, "
-            "re-run `diffcache search` at %d steps for the best quality/speed.",
-            self.method, self.num_steps, num_steps, num_steps,
-        )
-        new = np.zeros((num_steps,) + self.recompute.shape[1:], dtype=bool)
-        targets = (np.arange(self.num_steps) * num_steps) // self.num_steps
-        for old, target in enumerate(targets):
-            new[target] |= self.recompute[old]
-        new[0] = True
-        new |= ~self.present_mask[None]
-        meta = dict(self.meta, resampled_from=self.num_steps)
-        return Schedule(new, self.units, self.components, self.method, self.params, self.model, meta, self.present,
-                        self.forecast)
 
     # --------------------------------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
@@ -223,7 +180,7 @@ class Schedule:
             "num_steps": self.num_steps,
             "steps": steps,
             "meta": self.meta,
-        } | ({"forecast": self.forecast} if self.forecast else {})
+        } | ({"forecast": self.forecast} if self.forecast else {}) | ({"reuse": self.reuse} if self.reuse else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
@@ -269,6 +226,7 @@ class Schedule:
             meta=dict(data.get("meta") or {}),
             present=present,
             forecast=data.get("forecast", 0),
+            reuse=data.get("reuse", ""),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -296,19 +254,6 @@ class Schedule:
         except json.JSONDecodeError as err:
             raise ScheduleError(f"{os.fspath(path)!r} is not valid JSON ({err}); was the file truncated?") from None
         return cls.from_dict(data)
-
-    @classmethod
-    def from_tag(cls, tag: str, model: torch.nn.Module | Any, num_steps: int = 50) -> Schedule:
-        """A preset plan for a denoiser or adapter: ``Schedule.from_tag("fora:interval=3", pipe.transformer)``.
-
-        Tags: ``"none"``, ``"uniform:interval=N"``, ``"deepcache:interval=N,branch=B"``,
-        ``"deepcache:interval=N,mode=quadratic"``, ``"fora:interval=N"``; see `diffcache.schedules.presets`.
-        """
-        from .adapters import resolve_adapter
-        from .schedules.presets import build_from_tag
-
-        adapter = model if hasattr(model, "layout") else resolve_adapter(model)
-        return build_from_tag(tag, adapter, num_steps)
 
 
 def _abbrev(names: list[Any], limit: int = 6) -> str:

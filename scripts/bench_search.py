@@ -32,8 +32,9 @@ from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.metrics import accuracy, fid
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import Budget, CostModel
-from diffcache.schedules.calibrate import CalibrationData, conditions_from
-from diffcache.schedules.search import default_granularity, taylorseer_key_steps
+from diffcache.data import CalibrationData, conditions_from
+from diffcache.schedules.evolution import taylorseer_key_steps
+from diffcache.schedules.search import default_granularity
 
 PRESETS = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",

@@ -2,14 +2,14 @@
 
 import pytest
 
-from diffcache import Schedule
 from diffcache.cli import main
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag
 
 
 def test_summary_prints_the_bits(tmp_path, capsys):
     path = tmp_path / "s.json"
-    Schedule.from_tag("deepcache:interval=3,branch=2", build_pipeline("sd").unet, 6).save(path)
+    from_tag("deepcache:interval=3,branch=2", build_pipeline("sd").unet, 6).save(path)
     assert main(["summary", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model: UNet2DConditionModel" in out
@@ -38,7 +38,7 @@ def test_summary_with_pipeline_prints_macs(tmp_path, capsys):
     pipe = build_pipeline("dit")
     pipe.save_pretrained(tmp_path / "dit")
     path = tmp_path / "s.json"
-    Schedule.from_tag("uniform:interval=2", pipe.transformer, 4).save(path)
+    from_tag("uniform:interval=2", pipe.transformer, 4).save(path)
     assert main(["summary", str(path), "--pipeline", str(tmp_path / "dit")]) == 0
     out = capsys.readouterr().out
     assert "theoretical speedup" in out

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,22 +31,31 @@ BLOCK = "block"
 
 @dataclass(frozen=True)
 class Layout:
-    """The (unit, component) grid a schedule for this model must have."""
+    """The (unit, component) grid a schedule for this model must have.
+
+    ``nested``: the units are nested shells, shallowest first (a UNet's DeepCache branches): reusing a unit
+    reuses every deeper one, so a step's bits are a run of ``True`` then ``False``. Otherwise every slot is
+    computed or reused on its own (transformer blocks and their components).
+    """
 
     family: str
     units: list[str]
     components: list[str]
     present: np.ndarray | None = None
+    nested: bool = False
 
 
 class Adapter(ABC):
     """Base class: maps a denoiser to named units (and, for transformers, their components).
 
-    Subclasses set `family` and implement :meth:`layout`; they may extend :meth:`check_schedule`.
+    Subclasses set `family` and implement :meth:`layout` and :meth:`slot_modules`; they may extend
+    :meth:`check_schedule`. How the family *runs* a plan (its hooks) is its `diffcache.runtime.FamilyRuntime`.
     """
 
     family: ClassVar[str] = ""
     granularities: ClassVar[tuple[str, ...]] = (BLOCK,)
+    routable: ClassVar[bool] = False
+    """Every slot is one module whose output a learned router can blend (HarmoniCa's router search)."""
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         self.denoiser = denoiser
@@ -64,19 +73,37 @@ class Adapter(ABC):
     def layout(self, granularity: str = BLOCK) -> Layout:
         """The unit/component grid for ``granularity`` (``"block"`` or ``"component"``)."""
 
-    def prepare_reuse_call(self, kwargs: dict, branch: int | None) -> None:  # noqa: B027 - most need nothing
-        """Adjust (in place) the keyword inputs of a denoiser call that reuses cached features, or raise
-        `UnsupportedModelError` if caching would get those inputs wrong. ``branch`` is a UNet's cache branch."""
+    @abstractmethod
+    def slot_modules(self, granularity: str = BLOCK) -> dict[tuple[int, int], list[str]]:
+        """Names (relative to the denoiser) of the modules a reused (unit, component) slot does not run: what the
+        cost model prices."""
+
+    def feature_readers(self, units: set[int]) -> list[torch.nn.Module]:
+        """The layers that read the cached features of ``units`` on a reuse step (CacheQuant's quantization-error
+        correction fits them).
+
+        Raises:
+            UnsupportedModelError: the family has no such correction.
+        """
+        raise UnsupportedModelError(
+            f"the cache correction fits the layers reading a reused UNet branch feature (DeepCache); "
+            f"{type(self.denoiser).__name__} is not a UNet"
+        )
+
+    def check_made_for(self, model: dict[str, str] | None, what: str, remedy: str,
+                       error: type[Exception] = ScheduleError) -> None:
+        """Raise ``error`` unless ``model`` (the `model_info` something saved was made for; ``None``: any model)
+        is this denoiser's architecture. The one fingerprint check of schedules, calibrations and corrections."""
+        if model is not None and model != self.model_info:
+            raise error(
+                f"{what} was made for {model.get('class')} (config {model.get('fingerprint')}), but this denoiser "
+                f"is {self.model_info['class']} (config {self.model_info['fingerprint']}); {remedy}"
+            )
 
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise `ScheduleError` unless ``schedule`` fits this model (units, components, fingerprint)."""
-        model = schedule.model
-        if model is not None and model != self.model_info:
-            raise ScheduleError(
-                f"schedule was made for {model.get('class')} (config {model.get('fingerprint')}), but this denoiser "
-                f"is {self.model_info['class']} (config {self.model_info['fingerprint']}); re-run `diffcache search` "
-                "for this model, or use a preset tag"
-            )
+        self.check_made_for(schedule.model, "the schedule",
+                            "re-run `diffcache search` for this model, or use a preset tag")
         granularity = schedule.granularity
         if granularity not in self.granularities:
             raise ScheduleError(
@@ -153,25 +180,9 @@ def register_adapter(name: str, matches: Callable[[torch.nn.Module], bool]) -> C
     return decorate
 
 
-def resolve_adapter(denoiser: torch.nn.Module, units: str | Sequence[str] | None = None) -> Adapter:
-    """Pick the adapter for ``denoiser``; ``units`` (glob patterns) forces the generic block adapter.
-
-    Raises:
-        UnsupportedModelError: no registered adapter applies; the message names the model's top-level children.
-    """
-    from .generic import PatternAdapter
-
-    if units is not None:
-        return PatternAdapter(denoiser, units)
-    for _name, matches, cls in _ADAPTERS:
-        if matches(denoiser):
-            return cls(denoiser)
-    children = [f"{n} ({type(m).__name__})" for n, m in denoiser.named_children()]
-    raise UnsupportedModelError(
-        f"no diffcache adapter for {type(denoiser).__name__}: expected a UNet2DConditionModel/UNet2DModel or a "
-        f"transformer with a ModuleList of blocks (transformer_blocks, single_transformer_blocks, blocks, layers); "
-        f"found children {children[:12]}. Pass units='<glob>' (e.g. units='blocks.*') to cache those modules"
-    )
+def registered_adapters() -> list[tuple[str, Callable[[torch.nn.Module], bool], type[Adapter]]]:
+    """``(name, matches, adapter class)`` in registration order (the order `resolve_adapter` tries them)."""
+    return list(_ADAPTERS)
 
 
 def _span(names: list[str]) -> str:

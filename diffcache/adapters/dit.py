@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import AccelerationStateError, UnsupportedModelError
 from .base import BLOCK, Adapter, Layout, register_adapter
 
 # Child ModuleLists that hold the blocks, in the order the forward runs them.
@@ -54,6 +54,16 @@ class TransformerUnit:
         return self.outputs or (next(iter(self.input_positions)),)
 
 
+def block_input(spec: TransformerUnit, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The block's input stream ``name`` (``hidden_states``, ``encoder_hidden_states``) from its call arguments."""
+    if name in kwargs:
+        return kwargs[name]
+    position = spec.input_positions[name]
+    if position < len(args):
+        return args[position]
+    raise AccelerationStateError(f"{spec.name} was called without its {name!r} input")
+
+
 def make_unit(name: str, module: torch.nn.Module, with_components: bool = True) -> TransformerUnit:
     """Describe one block; ``with_components=False`` caches it only as a whole (its gates are unknown)."""
     component_names, outputs = _BLOCK_SPECS.get(type(module).__name__, ((), None))
@@ -77,6 +87,7 @@ class TransformerAdapter(Adapter):
     """Adapter for transformer denoisers whose blocks live in ``BLOCK_LIST_NAMES`` ModuleLists."""
 
     family = "transformer"
+    routable = True
 
     def __init__(self, denoiser: torch.nn.Module, units: list[TransformerUnit] | None = None) -> None:
         super().__init__(denoiser)
@@ -110,6 +121,19 @@ class TransformerAdapter(Adapter):
             )
         present = np.array([[c in u.components for c in self.component_names] for u in self.units])
         return Layout(self.family, names, list(self.component_names), present)
+
+
+    def slot_modules(self, granularity: str = BLOCK) -> dict[tuple[int, int], list[str]]:
+        components = self.layout(granularity).components
+        slots: dict[tuple[int, int], list[str]] = {}
+        for u, unit in enumerate(self.units):
+            if granularity == BLOCK:
+                slots[u, 0] = [unit.name]
+                continue
+            for c, component in enumerate(components):
+                if component in unit.components:
+                    slots[u, c] = [f"{unit.name}.{component}"]
+        return slots
 
 
 def _has_block_list(denoiser: torch.nn.Module) -> bool:

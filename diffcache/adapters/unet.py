@@ -67,31 +67,21 @@ class UNetAdapter(Adapter):
             raise UnsupportedModelError(
                 "UNets are cached per skip branch (block granularity); component caching is for transformers"
             )
-        return Layout(self.family, list(self.units), [BLOCK])
+        return Layout(self.family, list(self.units), [BLOCK], nested=True)
 
-    def prepare_reuse_call(self, kwargs: dict, branch: int | None) -> None:
-        """ControlNet residuals stay correct on a cached step: the UNet adds residual ``j`` to skip ``s_j`` and
-        the mid residual to the mid block's output. With ``branch`` the first reused unit, skips
-        ``s_0..s_{branch-1}`` are computed fresh and get their fresh residuals; deeper skips and the mid output are
-        zero-channel placeholders whose consumers are skipped, so their residuals become zero-channel too (the
-        cached feature carries the control of its key step, exactly as it carries every other deep feature of
-        that step). T2I-Adapter residuals enter *inside* the down
-        blocks, which a cached step does not run: refused."""
-        if kwargs.get("down_intrablock_additional_residuals") is not None:
-            raise UnsupportedModelError(
-                "the UNet was called with down_intrablock_additional_residuals (T2I-Adapter); they are added inside "
-                "down blocks that a DeepCache step skips, so cached steps would drop them. Run this pipeline with "
-                "the 'none' schedule (or diffcache.restore(pipe)); ControlNet residuals are supported"
-            )
-        if branch is None:
-            return
-        down = kwargs.get("down_block_additional_residuals")
-        if down is not None:
-            kwargs["down_block_additional_residuals"] = tuple(
-                r if j < branch else _empty_like(r) for j, r in enumerate(down)
-            )
-        if kwargs.get("mid_block_additional_residual") is not None:
-            kwargs["mid_block_additional_residual"] = _empty_like(kwargs["mid_block_additional_residual"])
+    def slot_modules(self, granularity: str = BLOCK) -> dict[tuple[int, int], list[str]]:
+        slots: dict[tuple[int, int], list[str]] = {}
+        for layer in self.layers:
+            if layer.member is not None:
+                slots.setdefault((layer.member, 0), []).append(layer.name)
+        return slots
+
+    def feature_readers(self, units: set[int]) -> list[torch.nn.Module]:
+        """Unit ``b >= 1``'s feature is read by the decoder resnet consuming skip ``b - 1`` (its ``conv1`` and
+        ``conv_shortcut``); unit 0's (the body output) by the output head, which has no such layer here."""
+        return [getattr(layer.module, attr) for layer in self.layers
+                if layer.consumes is not None and layer.consumes + 1 in units
+                for attr in ("conv1", "conv_shortcut") if getattr(layer.module, attr, None) is not None]
 
     def check_schedule(self, schedule) -> None:
         super().check_schedule(schedule)
@@ -105,11 +95,6 @@ class UNetAdapter(Adapter):
                 f"step {step}: UNet branch bits {row} recompute a deeper unit after reusing a shallower one; "
                 "a UNet step reuses one branch feature, so bits must be 1...10...0 from shallow to deep"
             )
-
-
-def _empty_like(residual: torch.Tensor) -> torch.Tensor:
-    """A zero-channel tensor that broadcasts onto any zero-channel placeholder of the same batch."""
-    return residual[:, :0, :1, :1]
 
 
 def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:

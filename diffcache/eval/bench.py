@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..adapters import denoiser_of, resolve_adapter
 from ..api import accelerated, restore
 from ..schedule import Schedule
-from ..schedules.presets import parse_tag
+from ..data import generate
+from ..schedules.presets import build_from_tag, parse_tag, resample, tag_of
 from .cost import profile_latency, profile_macs
 from .metrics import psnr
 
@@ -73,7 +74,7 @@ def compare_methods(
     restore(pipe)
     adapter = resolve_adapter(denoiser_of(pipe))
     num_steps = make_kwargs()["num_inference_steps"]
-    schedules = {label(t): Schedule.from_tag(t, adapter, num_steps) if isinstance(t, str) else t.resample(num_steps)
+    schedules = {label(t): build_from_tag(t, adapter, num_steps) if isinstance(t, str) else resample(t, num_steps)
                  for t in tags}
     granularities = {s.granularity for s in schedules.values()}
     contexts = {FULL: nullcontext} | {m: (lambda s=s: accelerated(pipe, s)) for m, s in schedules.items()}
@@ -86,7 +87,7 @@ def compare_methods(
         for method in methods:  # round 0 is the warm-up; methods alternate within every round
             with contexts[method]():
                 w0, c0 = time.perf_counter(), time.process_time()
-                out = pipe(**make_kwargs()).images
+                out = generate(pipe, make_kwargs())
                 w1, c1 = time.perf_counter(), time.process_time()
             if round_index == 0:
                 images[method] = np.asarray(out)
@@ -130,7 +131,7 @@ def label(method: str | Schedule) -> str:
     branch = method.params.get("branch", 0) if keys else 0
     options = ((",key_steps=1" if keys else "") + (f",branch={branch}" if branch else "")
                + (f",forecast={method.forecast}" if method.forecast else ""))
-    return method.tag or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
+    return tag_of(method) or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
 
 
 def _amdahl(share: float, speedup: float) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..adapters import BLOCK, Adapter, TransformerAdapter, UNetAdapter, denoiser_of, resolve_adapter
-from ..files import write_atomic
+from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
+from ..files import cache_root, write_atomic
 from ..runtime.executor import input_signature
 from ..schedule import Schedule
 
@@ -72,7 +71,7 @@ def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOC
     args, kwargs = captured[0]
     adapter = resolve_adapter(denoiser)
     # The slots' module lists key the file too: an adapter that maps units differently must not read old profiles.
-    slots = sorted(slot_modules(adapter, granularity).items())
+    slots = sorted(adapter.slot_modules(granularity).items())
     signature = repr((adapter.model_info, granularity, input_signature(args, kwargs), slots))
     path = cache_root() / "cost" / f"{hashlib.sha1(signature.encode()).hexdigest()[:20]}.json"
     cached = _load(path)
@@ -84,7 +83,7 @@ def profile_macs(pipe: Any, call_kwargs: dict[str, Any], granularity: str = BLOC
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     prefix = type(denoiser).__name__
     cost = np.zeros(_shape(adapter, granularity))
-    for (u, c), names in slot_modules(adapter, granularity).items():
+    for (u, c), names in adapter.slot_modules(granularity).items():
         cost[u, c] = sum(flops.get(f"{prefix}.{name}", 0) for name in names) // 2
     layout = adapter.layout(granularity)
     profile = CostProfile(layout.units, layout.components, cost, flops[prefix] // 2, "macs")
@@ -113,7 +112,7 @@ def profile_latency(pipe: Any, call_kwargs: dict[str, Any], granularity: str = B
     def add_slot(u: int, c: int) -> Any:
         return lambda seconds: cost.__setitem__((u, c), cost[u, c] + seconds)
 
-    for (u, c), names in slot_modules(adapter, granularity).items():
+    for (u, c), names in adapter.slot_modules(granularity).items():
         for name in names:
             timed(modules[name], add_slot(u, c))
     timed(denoiser, lambda seconds: total.__setitem__(slice(None), [total[0] + seconds, total[1] + 1]))
@@ -125,34 +124,6 @@ def profile_latency(pipe: Any, call_kwargs: dict[str, Any], granularity: str = B
     layout = adapter.layout(granularity)
     calls = max(total[1], 1)
     return CostProfile(layout.units, layout.components, cost * 1000 / calls, total[0] * 1000 / calls, "ms")
-
-
-def slot_modules(adapter: Adapter, granularity: str) -> dict[tuple[int, int], list[str]]:
-    """Names (relative to the denoiser) of the modules a reused (unit, component) slot does not run."""
-    slots: dict[tuple[int, int], list[str]] = {}
-    if isinstance(adapter, UNetAdapter):
-        for layer in adapter.layers:
-            if layer.member is not None:
-                slots.setdefault((layer.member, 0), []).append(layer.name)
-    elif isinstance(adapter, TransformerAdapter):
-        components = adapter.layout(granularity).components
-        for u, unit in enumerate(adapter.units):
-            if granularity == BLOCK:
-                slots[u, 0] = [unit.name]
-                continue
-            for c, component in enumerate(components):
-                if component in unit.components:
-                    slots[u, c] = [f"{unit.name}.{component}"]
-    return slots
-
-
-def cache_root() -> Path:
-    """Where measurements are kept between runs: ``$DIFFCACHE_CACHE`` (default ``~/.cache/diffcache``).
-
-    MAC profiles (``cost/``) depend only on the architecture and input shapes, which key their file names;
-    calibrations (``calibration/``) are keyed by model config and calibration data.
-    """
-    return Path(os.environ.get("DIFFCACHE_CACHE", Path.home() / ".cache" / "diffcache"))
 
 
 def _save(path: Path, profile: CostProfile) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MetricUnavailableError
+from ..optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def to_uint8(image: Any) -> np.ndarray:
 
 def psnr(images: Any, reference: Any) -> float:
     """Mean per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB`."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
+    tm_image = require("torchmetrics.functional.image", "eval", "the PSNR metric")
+    peak_signal_noise_ratio = tm_image.peak_signal_noise_ratio
 
     a, b = _pair(images, reference)
     values = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -57,7 +59,8 @@ def psnr(images: Any, reference: Any) -> float:
 
 def ssim(images: Any, reference: Any) -> float:
     """Mean SSIM of ``images`` against ``reference`` (1.0 for identical images)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    tm_image = require("torchmetrics.functional.image", "eval", "the SSIM metric")
+    structural_similarity_index_measure = tm_image.structural_similarity_index_measure
 
     a, b = _pair(images, reference)
     kernel = min(11, a.shape[-1] - (1 - a.shape[-1] % 2), a.shape[-2] - (1 - a.shape[-2] % 2))
@@ -75,7 +78,7 @@ def fid(images: Any, reference: Any, features: str | torch.nn.Module = "inceptio
     Raises:
         MetricUnavailableError: Inception features are requested but cannot be loaded here.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    FrechetInceptionDistance = require("torchmetrics.image.fid", "eval", "the FID metric").FrechetInceptionDistance
 
     fake, real = as_tensor(images), as_tensor(reference)
     if isinstance(features, str):
@@ -129,7 +132,7 @@ def check_available(names: Sequence[str], fid_features: str | torch.nn.Module, c
 
 
 def _inception_fid() -> Any:
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    FrechetInceptionDistance = require("torchmetrics.image.fid", "eval", "the FID metric").FrechetInceptionDistance
 
     try:
         return FrechetInceptionDistance(feature=2048, normalize=True)
@@ -142,7 +145,7 @@ def _inception_fid() -> Any:
 
 
 def _clip(model: str) -> Any:
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    CLIPScore = require("torchmetrics.multimodal.clip_score", "eval", "the CLIP score metric").CLIPScore
 
     try:
         return CLIPScore(model_name_or_path=model)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..optional import require
 from .metrics import to_uint8
 
 
@@ -44,10 +45,9 @@ def pareto_plot(
     Args:
         series: model name -> ``[(method, speedup, quality), ...]``.
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval", "the Pareto plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "eval", "the Pareto plot")
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for model, points in series.items():

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..api import accelerate, restore, summary
+from ..data import output_of
 from ..errors import MetricUnavailableError
 from ..files import write_atomic
 from ..loading import generation_kwargs, is_class_conditional
@@ -134,7 +135,7 @@ def _generate(pipe: Any, config: EvalConfig, method: str, index: int) -> dict[st
     seed = config.seed + index
     kwargs = generation_kwargs(pipe, condition, seed, config.num_inference_steps, config.guidance_scale)
     start = time.perf_counter()
-    image = np.asarray(pipe(**kwargs, **config.extra_kwargs).images[0])
+    image = output_of(pipe(**kwargs, **config.extra_kwargs))[0]
     seconds = time.perf_counter() - start
     path = _images_dir(config.out) / method_slug(method) / f"{index:05d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

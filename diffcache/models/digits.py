@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..optional import require
+
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
@@ -30,9 +32,8 @@ def upsample(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 @lru_cache(maxsize=1)
 def _dataset() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require("sklearn.datasets", "eval", "the digits data set")
+    digits = datasets.load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     return upsample(images), labels, _test_mask(digits.target)

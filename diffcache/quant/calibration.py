@@ -19,17 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import ModelHook
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter, denoiser_of, resolve_adapter
 from ..errors import QuantError
 from ..files import load_npz, save_npz
-from ..runtime import Executor, attach, detach, suspended
+from ..runtime import Executor, planned
 from ..schedule import Schedule
-from ..schedules.calibrate import CalibrationData, conditions_from
-from .config import QuantConfig
+from ..data import CalibrationData, conditions_from
+from .config import QuantConfig, quantizable_layers
 from .reconstruction import learn_rounding, temporal_layers
 
 logger = logging.getLogger(__name__)
@@ -44,12 +43,6 @@ def temporal_modules(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
     from diffusers.models.embeddings import TimestepEmbedding
 
     return [(name, module) for name, module in denoiser.named_modules() if isinstance(module, TimestepEmbedding)]
-
-
-def quantizable_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every plain ``nn.Linear`` / ``nn.Conv2d`` not matched by ``config.skip``."""
-    return [(name, module) for name, module in denoiser.named_modules()
-            if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not any(s in name for s in config.skip)]
 
 
 @dataclass
@@ -85,12 +78,8 @@ class QuantCalibration:
 
     def check(self, adapter: Adapter) -> None:
         """Raise `QuantError` unless this calibration was made on ``adapter``'s architecture and layers."""
-        if self.model != adapter.model_info:
-            raise QuantError(
-                f"this quantization calibration was made for {self.model['class']} (config "
-                f"{self.model['fingerprint']}), not {adapter.model_info['class']} (config "
-                f"{adapter.model_info['fingerprint']}); calibrate again with diffcache.quant.calibrate(pipe, ...)"
-            )
+        adapter.check_made_for(self.model, "this quantization calibration",
+                               "calibrate again with diffcache.quant.calibrate(pipe, ...)", QuantError)
         names = [name for name, _ in quantizable_layers(adapter.denoiser, self.config)]
         if names != self.layers:
             raise QuantError(f"the denoiser has {len(names)} quantizable layers, the calibration {len(self.layers)}; "
@@ -129,7 +118,7 @@ class _Observer(ModelHook):
     """Records the low/high (and a strided sample, for percentiles) of a layer's input at each step, and, given
     ``rows``, its distinct input rows with their step (a temporal layer's finite input set)."""
 
-    def __init__(self, clock: Executor, record: dict[int, list], rows: dict | None = None) -> None:
+    def __init__(self, clock: Executor | None, record: dict[int, list], rows: dict | None = None) -> None:
         super().__init__()
         self.clock, self.record, self.rows = clock, record, rows
 
@@ -198,21 +187,13 @@ def calibrate(
     rows: dict[int, dict] = {index: {} for index in reconstructed}
     times = temporal_modules(denoiser) if config.temporal_lookup else []
     tables: list[dict[bytes, tuple[np.ndarray, np.ndarray]]] = [{} for _ in times]
-    with suspended(denoiser):
-        clock = Executor(adapter, lambda _n: plan, pipe.scheduler, pipe)
-        attach(denoiser, clock, plan.granularity)
-        observed = [(module, _Observer(clock, record, rows.get(index)))
-                    for index, ((_, module), record) in enumerate(zip(layers, records))]
-        observed += [(module, _TemporalRecorder(table)) for (_, module), table in zip(times, tables)]
-        for module, hook in observed:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _OBSERVER_HOOK)
-        try:
-            for kwargs in tqdm(data.batches(pipe), desc="quant calibration", disable=not progress):
-                pipe(**kwargs)
-        finally:
-            for module, _ in observed:
-                module._diffusers_hook.remove_hook(_OBSERVER_HOOK, recurse=False)
-            detach(denoiser)
+    # The observers follow the step of the executor `planned` binds them to (their ``clock``).
+    observed = [(module, _Observer(None, record, rows.get(index)))
+                for index, ((_, module), record) in enumerate(zip(layers, records))]
+    observed += [(module, _TemporalRecorder(table)) for (_, module), table in zip(times, tables)]
+    with planned(pipe, adapter, plan, observed):
+        for kwargs in tqdm(data.batches(pipe), desc="quant calibration", disable=not progress):
+            pipe(**kwargs)
     ranges = np.stack([_ranges(record, steps, config) for record in records]).astype(np.float32)
     logger.info("diffcache: quantization calibration of %d layers over %d steps", len(layers), steps)
     temporal = {name: (np.stack([i for i, _ in table.values()]), np.stack([o for _, o in table.values()]))
@@ -235,11 +216,11 @@ def _learned_rounding(layer: torch.nn.Linear, rows: dict, ranges: np.ndarray, co
 
 
 def _plan(schedule: Schedule | str | None, adapter: Adapter, steps: int) -> Schedule:
-    from ..schedules.presets import build_from_tag
+    from ..schedules.presets import build_from_tag, resample
 
     if schedule is None:
         return build_from_tag("none", adapter, steps)
-    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else schedule.resample(steps)
+    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else resample(schedule, steps)
     adapter.check_schedule(plan)
     return plan
 

@@ -8,6 +8,8 @@ own range, so one shared range wastes levels on the steps with small activations
 
 from __future__ import annotations
 
+import torch
+
 from dataclasses import asdict, dataclass
 
 from ..errors import QuantError
@@ -100,3 +102,11 @@ PRESETS: dict[str, QuantConfig] = {
     "w4a8": QuantConfig(4, 8),
     "w8": QuantConfig(8, None),
 }
+
+
+def quantizable_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every plain ``nn.Linear`` / ``nn.Conv2d`` not matched by ``config.skip``."""
+    return [(name, module) for name, module in denoiser.named_modules()
+            if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not any(s in name for s in config.skip)]
+
+

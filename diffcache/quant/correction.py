@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, denoiser_of, resolve_adapter
 from ..errors import QuantError, UnsupportedModelError
 from ..files import load_npz, save_npz
-from ..runtime import Executor, attach, detach, suspended
+from ..runtime import Executor, Mechanism, Observer, recording
+from ..runtime.executor import LIVE
 from ..schedule import Schedule
-from ..schedules.calibrate import CalibrationData, conditions_from
+from ..schedules.presets import build_from_tag, resample, tag_of
+from ..data import CalibrationData, conditions_from
 from .calibration import QuantCalibration
 
 _FORMAT = "diffcache.cache-correction/1"
@@ -56,14 +58,16 @@ class CacheCorrection:
     def num_steps(self) -> int:
         return len(self.alpha)
 
+    def mechanism(self, executor: Executor, inner: Mechanism) -> Mechanism:
+        """The reuse mechanism that serves ``inner``'s values corrected (what the executor runs)."""
+        return CorrectedReuse(executor, inner, self)
+
     def check(self, adapter: Adapter, schedule: Schedule) -> None:
         """Raise `QuantError` unless fitted for this model and exactly this schedule."""
-        if self.model != adapter.model_info:
-            raise QuantError(f"this cache correction was fitted for {self.model['class']} (config "
-                             f"{self.model['fingerprint']}), not this {adapter.model_info['class']}; fit it again")
+        adapter.check_made_for(self.model, "this cache correction", "fit it again", QuantError)
         if _plan_key(schedule) != self.plan:
             raise QuantError(f"this cache correction was fitted for another schedule or step count ({self.num_steps} "
-                             f"steps); fit it again for {schedule.tag or schedule.method} at {schedule.num_steps} "
+                             f"steps); fit it again for {tag_of(schedule) or schedule.method} at {schedule.num_steps} "
                              "steps with diffcache.quant.fit_cache_correction")
         if schedule.forecast:
             raise QuantError("a cache correction corrects copies of the cache; it does not apply to forecasts "
@@ -116,22 +120,46 @@ class CacheCorrection:
             raise QuantError(f"{os.fspath(path)!r} is not a readable diffcache cache correction ({err})") from None
 
 
-class _FeatureRecorder(Executor):
-    """Runs the full model and keeps every branch feature the schedule reuses, at every step."""
+class _BranchFeatures(Observer):
+    """Keeps every branch feature the schedule reuses, at every step, while the full model runs."""
 
-    def __init__(self, adapter: Adapter, schedule: Schedule, pipe: Any, branches: set[int]) -> None:
-        full = Schedule(np.ones_like(schedule.recompute), schedule.units, schedule.components, "none")
-        super().__init__(adapter, lambda _n: full, pipe.scheduler, pipe)
+    def __init__(self, branches: set[int]) -> None:
         self.branches = branches
         self.features: dict[tuple[int, int], torch.Tensor] = {}
 
-    def start_generation(self, num_steps: int) -> None:
-        super().start_generation(num_steps)
-        self.needed = [[unit in self.branches] for unit in range(len(self.adapter.unit_names))]
+    def slots(self, executor: Executor) -> list[list[bool]]:
+        return [[unit in self.branches] for unit in range(len(executor.plan.units))]
+
+    def start(self, executor: Executor, num_steps: int) -> None:
         self.features = {}
 
-    def put(self, key: Any, value: Any) -> None:
-        self.features[(key[1], self.step)] = value[0].detach()
+    def observe(self, executor: Executor, key: tuple[int, int], value: Any) -> None:
+        if key[0] in self.branches:
+            self.features[(key[0], executor.step)] = value.detach()
+
+
+class CorrectedReuse(Mechanism):
+    """CacheQuant's cache-error correction as a reuse mechanism: serves ``alpha_k * F + beta_k`` for the inner
+    mechanism's ``F`` (the copy; a correction refuses forecasts), with this step's per-channel ``(alpha, beta)``
+    prepared before each call in the executor's per-call tensors (graph inputs under compile)."""
+
+    def __init__(self, executor: Executor, inner: Mechanism, correction: CacheCorrection) -> None:
+        super().__init__(executor, executor.plan)
+        self.inner, self.correction = inner, correction
+        self.needs_steps = inner.needs_steps
+
+    def keep(self, value: Any, entry: Any, steps: int | None) -> Any:
+        return self.inner.keep(value, entry, steps)
+
+    def serve(self, entry: Any, steps: int) -> Any:
+        feature = self.inner.serve(entry, steps)
+        fix = self.executor.fix
+        return feature if fix is None else feature * fix[0] + fix[1]
+
+    def begin_call(self, like: torch.Tensor | None) -> None:
+        self.inner.begin_call(like)
+        step = self.executor.step
+        LIVE[self.executor.key].fix = self.correction.at(step, like) if like is not None else None
 
 
 def fit_cache_correction(
@@ -154,16 +182,14 @@ def fit_cache_correction(
         UnsupportedModelError: the denoiser is not a UNet (DeepCache branch features).
         QuantError: ``quant`` was calibrated for another model or step count.
     """
-    from ..schedules.presets import build_from_tag
-
     denoiser = denoiser_of(pipe)
     adapter = resolve_adapter(denoiser)
-    if adapter.family != "unet":
+    if not adapter.layout().nested:
         raise UnsupportedModelError("the cache correction fits UNet branch features (DeepCache); "
                                     f"{type(denoiser).__name__} is not a UNet")
     data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size)
     steps = data.steps(pipe)
-    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else schedule.resample(steps)
+    plan = build_from_tag(schedule, adapter, steps) if isinstance(schedule, str) else resample(schedule, steps)
     adapter.check_schedule(plan)
     pairs = _reuse_pairs(plan.recompute[:, :, 0])  # step -> (branch, key step)
     fits = {step: ChannelFit() for step in pairs}
@@ -172,17 +198,15 @@ def fit_cache_correction(
         quant.check(adapter)
         if quant.num_steps != steps:
             raise QuantError(f"the quantization calibration is for {quant.num_steps} steps, the correction for {steps}")
-    with suspended(denoiser):
-        recorder = _FeatureRecorder(adapter, plan, pipe, branches)
-        attach(denoiser, recorder, plan.granularity)
-        layer_fits = _QuantErrorFits(adapter, branches, quant, recorder, steps) if quant is not None else None
+    recorder = _BranchFeatures(branches)
+    with recording(pipe, adapter, [recorder], plan.granularity) as executor:
+        layer_fits = _QuantErrorFits(adapter, branches, quant, executor, steps) if quant is not None else None
         try:
             for kwargs in tqdm(data.batches(pipe), desc="cache correction", disable=not progress):
                 pipe(**kwargs)
                 for step, (branch, key) in pairs.items():
                     fits[step].add(recorder.features[(branch, key)], recorder.features[(branch, step)])
         finally:
-            detach(denoiser)
             if layer_fits is not None:
                 layer_fits.remove()
     alpha: list[np.ndarray | None] = [None] * steps
@@ -204,11 +228,7 @@ class _QuantErrorFits:
 
         index = {name: i for i, name in enumerate(quant.layers)}
         names = {module: name for name, module in adapter.denoiser.named_modules()}
-        # The layers reading a reused feature: unit b >= 1's is read by the decoder resnet consuming skip b - 1
-        # (unit 0's, the body output, by the output head, which is not quantized).
-        convs = [getattr(layer.module, attr) for layer in adapter.layers
-                 if layer.consumes is not None and layer.consumes + 1 in branches
-                 for attr in ("conv1", "conv_shortcut") if getattr(layer.module, attr, None) is not None]
+        convs = adapter.feature_readers(branches)
         self.fits = {names[conv]: [ChannelFit() for _ in range(steps)] for conv in convs if names[conv] in index}
         self.handles = []
         for conv in convs:

@@ -19,7 +19,8 @@ from ..adapters import Adapter
 from ..errors import AccelerationStateError, QuantError
 from ..kernels import BACKENDS, Int8Kernel, int8_backend, int8_layer
 from ..runtime import Executor
-from .calibration import QuantCalibration, quantizable_layers, temporal_modules
+from .calibration import QuantCalibration, temporal_modules
+from .config import quantizable_layers
 from .config import QuantConfig
 from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
 
@@ -129,13 +130,18 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     return hooks, note
 
 
+def float_weight_bytes(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int:
+    """Bytes of the float weights of the layers the quantized ``hooks`` run (what `release_float_weights` frees)."""
+    return sum(module.weight.numel() * module.weight.element_size()
+               for module, hook in hooks if isinstance(hook, QuantLayerHook))
+
+
 def release_float_weights(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int:
     """Free the float weights of the layers the quantized ``hooks`` run (their hooks hold what runs: an int8 kernel
     or the rounded weight); returns the bytes freed. The parameters stay, empty, so dtype/device moves still work."""
-    freed = 0
+    freed = float_weight_bytes(hooks)
     for module, hook in hooks:
         if isinstance(hook, QuantLayerHook):
-            freed += module.weight.numel() * module.weight.element_size()
             module.weight.data = module.weight.data.new_empty(0)
     return freed
 

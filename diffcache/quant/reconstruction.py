@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.int8 import weight_codes
-from .config import QuantConfig
+from .config import QuantConfig, quantizable_layers
 from .quantizers import act_params, fake_quant_act, weight_levels, weight_scales
 
 # AdaRound's rectified sigmoid stretch, regularizer weight and temperature schedule (Nagel et al. 2020; BRECQ's
@@ -35,7 +35,6 @@ def temporal_layers(denoiser: torch.nn.Module, config: QuantConfig) -> list[tupl
     from diffusers.models.embeddings import TimestepEmbedding
     from diffusers.models.normalization import AdaLayerNorm, AdaLayerNormSingle, AdaLayerNormZero
 
-    from .calibration import quantizable_layers
 
     names: set[str] = set()
     for name, module in denoiser.named_modules():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,18 +19,14 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..adapters.base import Adapter
-from ..adapters.dit import TransformerAdapter
-from ..adapters.unet import UNetAdapter
 from ..errors import AccelerationStateError
 from ..schedule import Schedule
 from .executor import Executor
-from .hooks import BlockHook, ComponentHook, DenoiserHook, UNetLayerHook
+from .hooks import DenoiserHook
 
 logger = logging.getLogger(__name__)
 
 LEADER_HOOK = "diffcache.denoiser"
-UNIT_HOOK = "diffcache.unit"
-COMPONENT_HOOK = "diffcache.component"
 QUANT_HOOK = "diffcache.quant"
 _SCHEDULER_METHODS = ("set_timesteps", "step")
 
@@ -61,23 +57,11 @@ def check_detachable(denoiser: torch.nn.Module) -> None:
 def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> Attachment:
     """Install the leader hook, the unit/component hooks for ``granularity`` and the scheduler wrapper."""
     attachment = Attachment(executor, granularity)
-    adapter = executor.adapter
     leader = DenoiserHook(executor)
     leader.attachment = attachment
     _register(attachment, denoiser, leader, LEADER_HOOK)
-    if isinstance(adapter, UNetAdapter):
-        for layer in adapter.layers:
-            _register(attachment, layer.module, UNetLayerHook(executor, layer), UNIT_HOOK)
-    elif isinstance(adapter, TransformerAdapter):
-        for u, unit in enumerate(adapter.units):
-            if granularity == "block":
-                _register(attachment, unit.module, BlockHook(executor, u, unit), UNIT_HOOK)
-                continue
-            for c, name in enumerate(adapter.component_names):
-                if name in unit.components:
-                    _register(attachment, unit.components[name], ComponentHook(executor, u, c), COMPONENT_HOOK)
-    else:  # pragma: no cover - every shipped adapter is one of the two families
-        raise TypeError(f"no hook plan for adapter {type(adapter).__name__}")
+    for module, hook, name in executor.family.hooks(granularity):
+        _register(attachment, module, hook, name)
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
     if executor.scheduler is not None:
         _wrap_scheduler(attachment)
@@ -148,16 +132,19 @@ def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def planned(pipe: Any, adapter: Adapter, schedule: Schedule, extra: Sequence[tuple[torch.nn.Module, Any]] = ()
-            ) -> Iterator[None]:
-    """Run ``pipe`` with ``schedule`` at its own step count inside the block: for search loops that try many
-    schedules, without `diffcache.accelerate`'s validation and logging. ``extra`` hooks (e.g. quantized layers,
-    built once) are bound to the new executor and attached too."""
+def planned(pipe: Any, adapter: Adapter, schedule: Schedule | Callable[[int], Schedule],
+            extra: Sequence[tuple[torch.nn.Module, Any]] = (), observers: Sequence[Any] = ()) -> Iterator[Executor]:
+    """Run ``pipe`` with ``schedule`` (whatever the step count; or a step count -> plan function) inside the block,
+    and yield its executor: for search loops that try many schedules and for observers, without
+    `diffcache.accelerate`'s validation and logging. ``extra`` hooks (e.g. quantized layers, built once) are bound
+    to the new executor and attached too. Everything comes off at the end, and ``pipe``'s own plan comes back."""
+    plan_for = schedule if callable(schedule) else (lambda _steps: schedule)
+    granularity = schedule.granularity if isinstance(schedule, Schedule) else plan_for(1).granularity
     with suspended(adapter.denoiser):
-        executor = Executor(adapter, lambda _steps: schedule, pipe.scheduler, pipe)
-        attach(adapter.denoiser, executor, schedule.granularity)
+        executor = Executor(adapter, plan_for, pipe.scheduler, pipe, observers=observers)
+        attach(adapter.denoiser, executor, granularity)
         add_hooks(adapter.denoiser, bind(extra, executor), QUANT_HOOK)
-        yield
+        yield executor
 
 
 def bind(hooks: Sequence[tuple[torch.nn.Module, Any]], executor: Executor) -> list[tuple[torch.nn.Module, Any]]:

@@ -9,17 +9,21 @@ and the plan is mapped to the steps that really run. A denoiser outside a pipeli
 drives generations and steps (`runtime.generation`). Denoiser calls within one step are CFG branches: each
 gets its own `CacheStore`, named by diffusers' ``cache_context`` when the pipeline sets one, else by call
 position (``call0``, ``call1``).
+
+What differs between model families (which hooks, how a call's row of bits becomes what they do) is the
+family's `FamilyRuntime` (`runtime/unet.py`, `runtime/transformer.py`); how a reused slot is served is the plan's
+reuse `Mechanism` (`runtime/mechanisms.py`); who else sees the computed values is a list of `Observer`s
+(`runtime/observe.py`). The executor keeps steps, caches and statistics only.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +31,13 @@ import torch
 from ..adapters.base import DENOISER_NAMES, Adapter
 from ..errors import AccelerationStateError
 from ..schedule import Schedule
+from .family import runtime_for
+from .mechanisms import Mechanism, mechanism_for
 from .stats import StatsRecorder
 from .store import CacheStore
+
+if TYPE_CHECKING:
+    from .observe import Observer
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CallTensors:
     """What the hooks of one denoiser call read that changes between calls: the step as a 0-d tensor (on the
-    denoiser's device), the CFG branch's cache store and CacheQuant's ``(alpha, beta)`` for this step."""
+    denoiser's device), the CFG branch's cache store and the reuse mechanism's tensors for this step (CacheQuant's
+    ``(alpha, beta)``)."""
 
     step: torch.Tensor
     store: CacheStore
@@ -49,8 +59,6 @@ class CallTensors:
 # Reached from a global, the same tensors are graph inputs.
 LIVE: dict[int, CallTensors] = {}
 _KEYS = itertools.count()
-STACK = ("stack",)
-"""Store key of a transformer's whole-stack residual (last block's output minus first block's input)."""
 
 
 class Executor:
@@ -62,6 +70,10 @@ class Executor:
         scheduler: the scheduler instance whose ``set_timesteps``/``step`` drive the step counter (``None``: the
             caller drives it, see `runtime.generation`).
         pipe: the pipeline (held weakly) whose ``scheduler`` attribute must stay that instance.
+        correction: wraps the plan's reuse mechanism (CacheQuant's correction, `diffcache.quant.CacheCorrection`):
+            anything with ``check(adapter, plan)`` and ``mechanism(executor, inner) -> Mechanism``.
+        observers: see every value the executor would cache (`runtime.recording`).
+        quant_note: what the quantization hooks run, for `summary`.
     """
 
     def __init__(
@@ -70,6 +82,10 @@ class Executor:
         plan_for: Callable[[int], Schedule],
         scheduler: Any,
         pipe: Any | None = None,
+        *,
+        correction: Any | None = None,
+        observers: Sequence[Observer] = (),
+        quant_note: str | None = None,
     ) -> None:
         self.adapter = adapter
         self.plan_for = plan_for
@@ -81,7 +97,13 @@ class Executor:
         self.peak_cache_bytes = 0
         self.plan: Schedule | None = None
         self._rows: list[list[list[bool]]] = []
-        self.needed: list[list[bool]] = []
+        self.needed: list[list[bool]] = []  # per slot: does the plan ever reuse it (so its values are kept)
+        self.wanted: list[list[bool]] = []  # per slot: does any hook have to hand its value to `put`
+        self.correction = correction
+        self.observers = list(observers)
+        self.quant_note = quant_note
+        self.mechanism: Mechanism | None = None
+        self.family = runtime_for(adapter)(self)
         self.step = 0
         self.key = next(_KEYS)
         LIVE[self.key] = CallTensors(torch.zeros((), dtype=torch.long), CacheStore())
@@ -93,21 +115,8 @@ class Executor:
         # Set for the duration of one denoiser call:
         self.in_call = False
         self.row: list[list[bool]] = []
-        self.branch: int | None = None
         self.since: dict[Any, int] = {}
         self.written: list[Any] = []
-        # Transformer block caching with whole steps only (every step computes or reuses every block): the stack's
-        # residual is cached once instead of one per block, and a reuse step adds it at the first block (the others
-        # pass their input on): one subtraction per computed step, one add (and forecast) per reused step, as
-        # TaylorSeer's whole-body cache. Exact (up to rounding) when the blocks feed each other directly, which
-        # the first computed call checks on `chain` (each block's inputs and outputs); otherwise per-block caching.
-        self.fuse_blocks = False
-        self.chain_checked = False
-        self.fused = False
-        self.chain: list[tuple[tuple, tuple]] = []
-        # Optional CacheQuant correction of reused UNet branch features, and this call's (alpha, beta):
-        self.correction: Any | None = None
-        self.quant_note: str | None = None  # what the quantization hooks run, for `summary`
 
     # The per-call tensors live in `LIVE` (see there); these properties are how everything reads and sets them.
     @property
@@ -124,6 +133,7 @@ class Executor:
 
     @property
     def fix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reuse mechanism's tensors for this call (CacheQuant's ``(alpha, beta)``), or ``None``."""
         return LIVE[self.key].fix
 
     # ------------------------------------------------------------------------------------- generation
@@ -139,6 +149,8 @@ class Executor:
         self.open = True
         self._calls_in_step = 0
         self._warned.clear()
+        for observer in self.observers:
+            observer.start(self, self.plan.num_steps)
 
     def run_steps(self, num_steps: int) -> None:
         """At the end of step 0: the generation really runs ``num_steps`` steps, not the ``set_timesteps`` count
@@ -153,21 +165,19 @@ class Executor:
     def _use_plan(self, plan: Schedule) -> None:
         self.plan = plan
         self._rows = plan.recompute.tolist()
-        self._present = plan.present_mask.tolist()  # per plan, not per call: `_available_row` runs every call
-        if self.adapter.family == "unet":
-            self.needed = [[False] for _ in plan.units]
-            for row in self._rows:
-                branch = _first_reuse(row)
-                if branch is not None:
-                    self.needed[branch][0] = True
-        else:
-            self.needed = (~plan.recompute).any(axis=0).tolist()
-        units = getattr(self.adapter, "units", [])
-        reused_rows = (~plan.recompute).all(axis=(1, 2))
-        self.fuse_blocks = (self.adapter.family == "transformer" and plan.granularity == "block"
-                            and len({unit.streams for unit in units}) == 1 and bool(reused_rows.any())
-                            and bool((reused_rows | plan.recompute.all(axis=(1, 2))).all()))
-        self.chain_checked = False
+        self._present = plan.present_mask.tolist()  # per plan, not per call: `available_row` runs every call
+        self.mechanism = mechanism_for(self, plan)
+        if self.correction is not None:
+            self.mechanism = self.correction.mechanism(self, self.mechanism)
+        self.set_needed(self.family.use_plan(plan))
+
+    def set_needed(self, needed: list[list[bool]]) -> None:
+        """Which slots' values are kept from now on; observers see the slots they ask for as well."""
+        self.needed = needed
+        self.wanted = needed
+        for observer in self.observers:
+            mask = observer.slots(self)
+            self.wanted = [[w or m for w, m in zip(ws, ms)] for ws, ms in zip(self.wanted, mask)]
 
     def _check_compiled_variants(self) -> None:
         """Warn once per plan when a torch.compile'd denoiser would need more graphs than dynamo keeps: each
@@ -261,21 +271,8 @@ class Executor:
             )
             self.row = [[True] * len(self.plan.components) for _ in self.plan.units]
         like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if self.adapter.family == "unet":
-            self.branch = self._unet_branch()
-            fix = self.correction is not None and self.branch is not None and like is not None
-            LIVE[self.key].fix = self.correction.at(self.step, like) if fix else None
-        else:
-            self.branch = None
-            self.fused = self.fuse_blocks and self.chain_checked and not any(any(bits) for bits in self.row)
-            if self.fused and STACK not in self.store:
-                self.warn_missing("the block stack")
-                self.fused = False
-                self.row = [[True] * len(bits) for bits in self.row]
-            self.row = self._available_row(fused=self.fused)
-            self.chain = []
-        if not all(all(bits) for bits in self.row):
-            self.adapter.prepare_reuse_call(kwargs, self.branch)
+        self.family.begin_call(args, kwargs)
+        self.mechanism.begin_call(like)
         self.stats.calls += 1
         LIVE[self.key].step = torch.tensor(self.step, device=like.device if like is not None else None)
         self.in_call = True
@@ -284,18 +281,16 @@ class Executor:
     @torch.compiler.disable
     def end_call(self) -> None:
         """Note the step of every value written in this call, and the cache memory."""
-        if self.fuse_blocks and self.chain:
-            self._cache_stack()
+        self.family.end_call()
         for key in self.written:
             self.store.steps[key] = self.step
         self.cache_bytes = sum(store.bytes for store in self.stores.values())
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         self.in_call = False
-        self.branch = None
 
-    def _available_row(self, fused: bool = False) -> list[list[bool]]:
+    def available_row(self, fused: bool = False) -> list[list[bool]]:
         """The step's row with reuses of uncached slots turned into recomputes; records the counts. ``fused``:
-        the stack's residual serves every block (checked by the caller)."""
+        one value serves every slot (a transformer's stack residual, checked by the caller)."""
         row = []
         for unit, (planned, present) in enumerate(zip(self.row, self._present)):
             bits = [bit or (not fused and (unit, c) not in self.store) for c, bit in enumerate(planned)]
@@ -307,70 +302,30 @@ class Executor:
             row.append(bits)
         return row
 
-    def _cache_stack(self) -> None:
-        """After a call that computed every block: cache the stack's residual; the first time, check the chain."""
-        chain, self.chain = self.chain, []
-        chained = len(chain) == len(self.plan.units) and all(
-            all(a is b for a, b in zip(inputs, previous_outputs))
-            for (_, previous_outputs), (inputs, _) in zip(chain, chain[1:]))
-        if not chained:  # something runs between blocks: cache block by block
-            self.fuse_blocks = False
-            self.needed = (~self.plan.recompute).any(axis=0).tolist()
-            return
-        if not self.chain_checked:  # from now on the per-block residuals are not needed
-            self.chain_checked = True
-            self.needed = [[False] * len(bits) for bits in self.needed]
-            for key in [k for k in self.written if k != STACK]:
-                self.store.values.pop(key, None)
-            self.written = []
-        inputs, outputs = chain[0][0], chain[-1][1]
-        self.put(STACK, tuple(None if o is None else o - x for x, o in zip(inputs, outputs)))
-
-    def _unet_branch(self) -> int | None:
-        """The shallowest reused branch whose feature is cached; deeper units are skipped with it."""
-        first = _first_reuse(self.row)
-        branch = None
-        if first is not None:
-            for unit in range(first, len(self.row)):
-                if ("F", unit) in self.store:
-                    branch = unit
-                    break
-            if branch != first:
-                self.warn_missing(self.plan.units[first])
-        recorded = branch if branch is not None else len(self.row)
-        self.stats.add(self.step, slice(0, recorded), 1, 0)
-        self.stats.add(self.step, slice(recorded, None), 0, 1)
-        return branch
-
     # ----------------------------------------------------------------------------------------- cache
     # Called by the hooks inside the denoiser's forward (traced when it is compiled): only dictionary reads and
     # writes, tensor math and integers that repeat across steps (``since``), so they add no graph break.
     def put(self, key: Any, value: Any) -> None:
-        """Cache a freshly computed value; a forecasting plan also keeps its finite-difference derivatives (up to
-        the plan's order) from the previous value and its derivatives."""
-        order = self.plan.forecast
-        if order:
+        """A freshly computed value: observers see it, and the mechanism keeps what it needs (with a forecast,
+        the finite-difference derivatives from the previous value) where the plan reuses the slot."""
+        if self.observers:
+            for observer in self.observers:
+                observer.observe(self, key, value)
+            if isinstance(key[0], int) and not self.needed[key[0]][key[1]]:
+                return
+        mechanism = self.mechanism
+        if mechanism.needs_steps:  # only read when used: compiled code guards on what it reads
             gap = self.since.get(key)
-            derivatives: list[Any] = []
-            if gap is not None:  # d_i = (d_{i-1} - previous d_{i-1}) / gap, as far as the previous value had them
-                last, previous = self.store.values[key]
-                current = value
-                for before in (last, *previous)[:order]:
-                    current = _slope(current, before, gap)
-                    derivatives.append(current)
-            value = (value, tuple(derivatives))
+            value = mechanism.keep(value, self.store.values[key] if gap is not None else None, gap)
+        else:
+            value = mechanism.keep(value, None, None)
         self.store.values[key] = value
         self.written.append(key)
 
     def cached(self, key: Any) -> Any:
-        """What a reuse step gets: the cached value, or its Taylor forecast to the current step."""
-        if not self.plan.forecast:
-            return self.store.values[key]
-        value, derivatives = self.store.values[key]
-        steps = self.since[key]
-        for i, derivative in enumerate(derivatives, start=1):  # value + sum_i d_i * steps^i / i!
-            value = _forecast(value, derivative, steps ** i / math.factorial(i))
-        return value
+        """What a reuse step gets: the mechanism's serving of the cached entry (a copy, or a forecast to now)."""
+        mechanism = self.mechanism
+        return mechanism.serve(self.store.values[key], self.since[key] if mechanism.needs_steps else 0)
 
     def warn_missing(self, what: str) -> None:
         self.warn_once(
@@ -391,31 +346,6 @@ def _reference(obj: Any) -> Callable[[], Any]:
         return weakref.ref(obj)
     except TypeError:
         return lambda: obj
-
-
-def _slope(value: Any, previous: Any, steps: int) -> Any:
-    """``(value - previous) / steps`` for tensors, element-wise through tuples; anything else is ``None``."""
-    if isinstance(value, torch.Tensor):
-        return (value - previous) / steps
-    if isinstance(value, tuple):
-        return tuple(_slope(a, b, steps) for a, b in zip(value, previous))
-    return None
-
-
-def _forecast(value: Any, slope: Any, steps: int) -> Any:
-    """``value + steps * slope`` (one fused op per tensor); non-tensors are kept as they are."""
-    if isinstance(value, torch.Tensor):
-        return torch.add(value, slope, alpha=steps)
-    if isinstance(value, tuple):
-        return tuple(_forecast(a, b, steps) for a, b in zip(value, slope))
-    return value
-
-
-def _first_reuse(row: list[list[bool]]) -> int | None:
-    for unit, bits in enumerate(row):
-        if not bits[0]:
-            return unit
-    return None
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple:

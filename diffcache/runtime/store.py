@@ -22,12 +22,14 @@ class CacheStore:
 
     ``signature`` describes the denoiser inputs (shapes, dtypes, devices); a call with another signature must not
     read these values (a batch size or resolution change), so the executor clears the store. Hooks write
-    ``values`` inside the (possibly compiled) forward; ``steps`` is kept by the executor outside it.
+    ``values`` inside the (possibly compiled) forward; ``steps`` is kept by the executor outside it. ``notes`` are
+    facts a family keeps beside a value that are not tensors (a UNet feature's memory format).
     """
 
     def __init__(self) -> None:
         self.values: dict[Hashable, Any] = {}
         self.steps: dict[Hashable, int] = {}
+        self.notes: dict[Hashable, Any] = {}
         self.signature: tuple | None = None
 
     def __contains__(self, key: Hashable) -> bool:
@@ -40,3 +42,4 @@ class CacheStore:
     def clear(self) -> None:
         self.values.clear()
         self.steps.clear()
+        self.notes.clear()

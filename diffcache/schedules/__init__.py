@@ -1,8 +1,6 @@
-"""Producing Schedules: preset tags, calibration, and search (dynamic programming, evolution, routers)."""
+"""Producing Schedules: preset tags (`presets`), calibration (`calibrate`), and the registered search methods
+(`methods`: dp and bac in `dp`, ecad in `evolution`, router in `router`) behind `diffcache.search` (`search`).
 
-from .budget import Budget
-from .calibrate import Calibration, CalibrationData, calibrate
-from .presets import build_from_tag, parse_tag, preset_names, register_preset
-
-__all__ = ["Budget", "Calibration", "CalibrationData", "build_from_tag", "calibrate", "parse_tag", "preset_names",
-           "register_preset"]
+Import the submodule you need; this package imports nothing, so `diffcache.schedules.presets` does not bring
+the search machinery with it.
+"""

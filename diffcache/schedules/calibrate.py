@@ -17,7 +17,6 @@ feature-error sum approximates the error in the output.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -31,61 +30,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import BLOCK, Adapter, denoiser_of, resolve_adapter
+from ..data import CalibrationData
 from ..errors import SearchError
-from ..eval.cost import cache_root
-from ..files import load_npz, save_npz
-from ..runtime import QUANT_HOOK, Executor, add_hooks, attach, bind, detach, planned, suspended
+from ..files import cache_root, load_npz, save_npz
+from ..runtime import Observer, planned, recording, suspended
 from ..schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("l1", "cosine")
 _FORMAT = "diffcache.calibration/1"
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    """The generations a search looks at: conditions (prompts or class ids), seeds and sampler settings.
-
-    Every candidate schedule is judged on exactly these calls (common random numbers): batch ``i`` uses seed
-    ``seed + i``.
-    """
-
-    conditions: list[str | int]
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if not self.conditions:
-            raise SearchError("calibration needs at least one prompt or class label")
-        if self.batch_size < 1:
-            raise SearchError(f"batch_size must be >= 1, got {self.batch_size}")
-        object.__setattr__(self, "conditions", list(self.conditions))
-
-    def steps(self, pipe: Any) -> int:
-        """``num_inference_steps``, or the pipeline's default when unset."""
-        if self.num_inference_steps is not None:
-            return self.num_inference_steps
-        default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-        if default is None or not isinstance(default.default, int):
-            raise SearchError(f"{type(pipe).__name__} has no default num_inference_steps; pass num_inference_steps")
-        return default.default
-
-    def batches(self, pipe: Any) -> list[dict[str, Any]]:
-        """Fresh call arguments for each batch (new generators, so every call sees the same noise)."""
-        from ..loading import generation_kwargs
-
-        size = self.batch_size
-        chunks = [self.conditions[i : i + size] for i in range(0, len(self.conditions), size)]
-        return [generation_kwargs(pipe, chunk, self.seed + i, self.steps(pipe), self.guidance_scale)
-                for i, chunk in enumerate(chunks)]
-
-    def key(self) -> str:
-        """A stable identifier of these generations (for caches and checkpoints)."""
-        fields = [self.conditions, self.num_inference_steps, self.guidance_scale, self.seed, self.batch_size]
-        return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -104,13 +58,17 @@ class Calibration:
     units: list[str]
     components: list[str]
     present: np.ndarray
-    family: str
+    nested: bool  # the units are nested shells (`Layout.nested`): a step reuses a suffix of them
     model: dict[str, str]
     data_key: str
     distances: dict[str, np.ndarray]
     scale: np.ndarray
     step_error: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nested, bool):
+            raise TypeError(f"Calibration.nested is a bool (the units are nested shells), got {self.nested!r}")
 
     @property
     def num_steps(self) -> int:
@@ -140,15 +98,11 @@ class Calibration:
 
     def check_model(self, adapter: Adapter) -> None:
         """Raise `SearchError` unless this calibration was recorded on ``adapter``'s architecture."""
-        if self.model != adapter.model_info:
-            raise SearchError(
-                f"this calibration was recorded on {self.model['class']} (config {self.model['fingerprint']}), not "
-                f"on {adapter.model_info['class']} (config {adapter.model_info['fingerprint']}); calibrate again"
-            )
+        adapter.check_made_for(self.model, "this calibration", "calibrate again", SearchError)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a single ``.npz`` (arrays plus JSON metadata), atomically."""
-        header = {"units": self.units, "components": self.components, "family": self.family, "model": self.model,
+        header = {"units": self.units, "components": self.components, "nested": self.nested, "model": self.model,
                   "data_key": self.data_key, "meta": self.meta}
         extra = {} if self.step_error is None else {"step_error": self.step_error}
         save_npz(path, _FORMAT, header, {"present": self.present, "scale": self.scale,
@@ -160,48 +114,31 @@ class Calibration:
         try:
             meta, data = load_npz(path, _FORMAT)
             distances = {m: data[f"d_{m}"] for m in METRICS}
-            return cls(meta["units"], meta["components"], data["present"], meta["family"], meta["model"],
+            return cls(meta["units"], meta["components"], data["present"], meta["nested"], meta["model"],
                        meta["data_key"], distances, data["scale"], data.get("step_error"), meta["meta"])
         except (ValueError, KeyError) as err:
             raise SearchError(f"{os.fspath(path)!r} is not a readable diffcache calibration ({err}); "
                               "delete it and calibrate again") from None
 
 
-class _Recorder(Executor):
-    """An executor that runs every slot and hands what it would cache to the recorder instead of a store."""
+class _FeatureDrift(Observer):
+    """Keeps, per slot and step, a fixed strided subset of what the executor would cache (the full model runs)."""
 
-    def __init__(self, adapter: Adapter, granularity: str, pipe: Any, max_elements: int) -> None:
-        layout = adapter.layout(granularity)
-        self.layout = layout
-        present = layout.present if layout.present is not None else np.ones((len(layout.units),
-                                                                               len(layout.components)), bool)
-
-        def plan_for(num_steps: int) -> Schedule:
-            return Schedule(np.ones((num_steps, *present.shape), bool), layout.units, layout.components, "none",
-                            present=layout.present)
-
-        super().__init__(adapter, plan_for, pipe.scheduler, pipe)
-        self.present = present
+    def __init__(self, max_elements: int) -> None:
         self.max_elements = max_elements
         self.features: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    def start_generation(self, num_steps: int) -> None:
-        super().start_generation(num_steps)
-        self.needed = self.present.tolist()
+    def start(self, executor: Any, num_steps: int) -> None:
         self.features = {}
 
-    def put(self, key: Any, value: Any) -> None:
-        if key[0] == "F":  # a UNet branch feature and its memory format
-            slot, value = (key[1], 0), value[0]
-        else:
-            slot = key
+    def observe(self, executor: Any, key: tuple[int, int], value: Any) -> None:
         parts = [v.detach().float().flatten(1) for v in (value if isinstance(value, tuple) else (value,))
                  if v is not None]
         flat = torch.cat(parts, dim=1)
         if flat.shape[1] > self.max_elements:  # a fixed strided subset: distances are means, so it estimates them
             index = torch.linspace(0, flat.shape[1] - 1, self.max_elements).long()
             flat = flat[:, index]
-        self.features.setdefault(slot, []).append(flat)
+        self.features.setdefault(key, []).append(flat)
 
 
 def calibrate(
@@ -252,37 +189,32 @@ def calibrate(
 def _record(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str, max_elements: int,
             sensitivity: bool, path: Path, progress: bool, extra: Sequence[tuple[torch.nn.Module, Any]]
             ) -> Calibration:
-    denoiser = adapter.denoiser
-    recorder = _Recorder(adapter, granularity, pipe, max_elements)
-    attach(denoiser, recorder, granularity)
-    add_hooks(denoiser, bind(extra, recorder), QUANT_HOOK)
-    shape = recorder.present.shape
+    layout = adapter.layout(granularity)
+    present = layout.present if layout.present is not None else np.ones((len(layout.units),
+                                                                           len(layout.components)), bool)
+    drift = _FeatureDrift(max_elements)
     totals = {m: None for m in METRICS}
-    scale = np.zeros(shape)
+    scale = np.zeros(present.shape)
     samples = 0
     batches = data.batches(pipe)
-    try:
+    with recording(pipe, adapter, [drift], granularity, extra) as executor:
         for i, kwargs in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
-            images = pipe(**kwargs).images
+            outputs = data.generate(pipe, kwargs)
             if i == 0:
-                reference = np.asarray(images)
-            num_steps = recorder.plan.num_steps
-            batch = _reduce(recorder.features, shape, num_steps)
-            weight = next(iter(recorder.features.values()))[0].shape[0]
+                reference = outputs
+            num_steps = executor.plan.num_steps
+            batch = _reduce(drift.features, present.shape, num_steps)
+            weight = next(iter(drift.features.values()))[0].shape[0]
             for m in METRICS:
                 totals[m] = batch[m] * weight if totals[m] is None else totals[m] + batch[m] * weight
             scale += batch["scale"] * weight
             samples += weight
-            recorder.features = {}
-    finally:
-        detach(denoiser)
+            drift.features = {}
     step_error = None
     if sensitivity:
-        step_error = _step_errors(pipe, adapter, recorder, data.batches(pipe)[0], reference, num_steps, progress,
-                                  extra)
-    layout = recorder.layout
+        step_error = _step_errors(pipe, adapter, layout, present, data, reference, num_steps, progress, extra)
     calibration = Calibration(
-        layout.units, layout.components, recorder.present, adapter.family, adapter.model_info, data.key(),
+        layout.units, layout.components, present, layout.nested, adapter.model_info, data.key(),
         {m: totals[m] / samples for m in METRICS}, scale / samples, step_error,
         {"granularity": granularity, "num_steps": num_steps, "samples": samples},
     )
@@ -293,17 +225,20 @@ def _record(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str
     return calibration
 
 
-def _step_errors(pipe: Any, adapter: Adapter, recorder: _Recorder, kwargs: dict[str, Any], reference: np.ndarray,
-                 num_steps: int, progress: bool, extra: Sequence[tuple[torch.nn.Module, Any]]) -> np.ndarray:
-    """RMS change of the final images when step ``t`` alone reuses every slot, for each ``t >= 1``."""
-    layout, errors = recorder.layout, np.zeros(num_steps)
+def _step_errors(pipe: Any, adapter: Adapter, layout: Any, present: np.ndarray, data: CalibrationData,
+                 reference: np.ndarray, num_steps: int, progress: bool, extra: Sequence[tuple[torch.nn.Module, Any]]
+                 ) -> np.ndarray:
+    """How far the final outputs move (`CalibrationData.compare`, RMS by default) when step ``t`` alone reuses
+    every slot, for each ``t >= 1``."""
+    errors = np.zeros(num_steps)
+    kwargs = data.batches(pipe)[0]
     for step in tqdm(range(1, num_steps), desc="step sensitivity", disable=not progress):
-        grid = np.ones((num_steps, *recorder.present.shape), dtype=bool)
-        grid[step] = ~recorder.present
+        grid = np.ones((num_steps, *present.shape), dtype=bool)
+        grid[step] = ~present
         with planned(pipe, adapter, Schedule(grid, layout.units, layout.components, present=layout.present), extra):
             kwargs["generator"].manual_seed(kwargs["generator"].initial_seed())
-            images = np.asarray(pipe(**kwargs).images)
-        errors[step] = float(np.sqrt(np.mean((images.astype(np.float64) - reference) ** 2)))
+            outputs = data.generate(pipe, kwargs)
+        errors[step] = data.compare(outputs, reference)
     return errors
 
 
@@ -327,15 +262,4 @@ def _reduce(features: dict[tuple[int, int], list[torch.Tensor]], shape: tuple[in
     return out
 
 
-def conditions_from(prompts: Sequence[str | int] | str | os.PathLike, pipe: Any) -> list[str | int]:
-    """Prompts or class ids, given as a list or as a prompt file (one per line)."""
-    from ..loading import parse_conditions, read_prompt_file
-
-    if isinstance(prompts, os.PathLike) or (isinstance(prompts, str) and os.path.isfile(prompts)):
-        return parse_conditions(pipe, read_prompt_file(prompts))
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    return parse_conditions(pipe, [str(p) for p in prompts])
-
-
-__all__ = ["METRICS", "Calibration", "CalibrationData", "calibrate", "conditions_from"]
+__all__ = ["METRICS", "Calibration", "calibrate"]

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 
+from ..adapters.base import Layout
 from ..errors import SearchError
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import Calibration
+from .methods import SearchJob, register_search
 from .presets import search_branch
 
 logger = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ def dp_schedule(calibration: Calibration, cost_model: CostModel, budget: Budget,
     ``weighted=False, bounded=True`` is CacheQuant as published."""
     steps = calibration.num_steps
     reuse = calibration.present.copy()
-    reuse[:search_branch(calibration.family, calibration.units, branch)] = False
+    reuse[:search_branch(_layout(calibration), branch)] = False
     weights = calibration.step_weights(metric) if weighted else np.ones(steps)
     distance = (calibration.normalized(metric) * reuse[:, :, None, None]).sum(axis=(0, 1)) * weights
     cost = segment_cost(distance)
@@ -150,7 +153,7 @@ def bac_schedule(calibration: Calibration, cost_model: CostModel, budget: Budget
 
 def _upstream_slots(calibration: Calibration, slots: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
     """The ``count`` slots whose features change most across steps (mean pairwise normalized L1)."""
-    if calibration.family == "unet":
+    if calibration.nested:
         return []
     distance = calibration.normalized("l1")
     upper = np.triu_indices(calibration.num_steps, 1)
@@ -158,9 +161,13 @@ def _upstream_slots(calibration: Calibration, slots: list[tuple[int, int]], coun
     return sorted(slots, key=lambda s: -error[s])[:count]
 
 
+def _layout(calibration: Calibration) -> Layout:
+    return Layout("", calibration.units, calibration.components, calibration.present, calibration.nested)
+
+
 def _bubble(calibration: Calibration, updates: np.ndarray, chosen: list[tuple[int, int]]) -> np.ndarray:
     """Bubbling Union (transformers) or shell repair (UNets) of per-slot update steps."""
-    if calibration.family == "unet":  # a unit that runs forces every shallower unit to run
+    if calibration.nested:  # a unit that runs forces every shallower unit to run
         return np.flip(np.logical_or.accumulate(np.flip(updates, axis=1), axis=1), axis=1)
     grid = updates.copy()
     ffn = [c for c, name in enumerate(calibration.components) if name in FEED_FORWARD]
@@ -185,3 +192,13 @@ def _too_small(budget: Budget, cost_model: CostModel, cheapest: Schedule) -> Sea
 
 __all__ = ["FEED_FORWARD", "bac_schedule", "dp_schedule", "optimal_segmentation", "segment_cost",
            "segment_starts", "segment_tables"]
+
+
+@register_search("dp")
+def _dp(job: SearchJob, options: dict[str, Any]) -> Schedule:
+    return dp_schedule(job.calibration(), job.cost_model, job.budget, **options)
+
+
+@register_search("bac")
+def _bac(job: SearchJob, options: dict[str, Any]) -> Schedule:
+    return bac_schedule(job.calibration(), job.cost_model, job.budget, **options)

@@ -25,32 +25,35 @@ CPU-sized run to explore, and it is the space where uniform, DeepCache, TaylorSe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from deap import base, tools
 from tqdm.auto import tqdm
 
-from ..adapters import denoiser_of, resolve_adapter
-from ..errors import SearchError
+from ..adapters import BLOCK, denoiser_of, resolve_adapter
+from ..data import CalibrationData
+from ..errors import MissingExtraError, SearchError
+from ..eval.quality import QualityFn, quality_function
 from ..files import write_atomic
+from ..optional import require
 from ..runtime import planned, suspended
 from ..schedule import Schedule
 from .budget import Budget, CostModel
-from .calibrate import CalibrationData
-from .presets import branch_unit
+from .dp import dp_schedule
+from .methods import SearchJob, register_search
+from .presets import branch_unit, build_from_tag, search_branch
 
 logger = logging.getLogger(__name__)
 
-QualityFn = Callable[[np.ndarray, np.ndarray, Sequence[Any]], float]
 """``quality(images, full_images, conditions) -> score``, higher is better."""
 
 _CHECKPOINT_FORMAT = "diffcache.ecad-checkpoint/1"
@@ -90,14 +93,21 @@ class EvolutionConfig:
         return _Mutation(flip, self.shift_prob, genome.stride)
 
 
-class _Fitness(base.Fitness):
-    weights = (1.0, -1.0)  # maximize quality, minimize cost
+@functools.cache
+def _fitness_type() -> type:
+    """deap's Fitness with ECAD's weights, made on first use (deap is the ``search`` extra)."""
+    base = require("deap.base", "search", "ECAD schedule search")
+
+    class _Fitness(base.Fitness):
+        weights = (1.0, -1.0)  # maximize quality, minimize cost
+
+    return _Fitness
 
 
 class _Individual(list):
     def __init__(self, bits: Sequence[int]) -> None:
         super().__init__(int(b) for b in bits)
-        self.fitness = _Fitness()
+        self.fitness = _fitness_type()()
 
 
 @dataclass
@@ -123,12 +133,12 @@ class Genome:
     ``key_steps``: one bit per step 1..T-1 (1 = recompute everything); a reuse step reuses every slot, on a UNet
     every unit of DeepCache branch ``branch`` down (-1: the whole body)."""
 
-    def __init__(self, template: Schedule, unet: bool, key_steps: bool = False, branch: int = 0) -> None:
-        self.template, self.unet, self.key_steps = template, unet, key_steps
+    def __init__(self, template: Schedule, nested: bool, key_steps: bool = False, branch: int = 0) -> None:
+        self.template, self.nested, self.key_steps = template, nested, key_steps
         self.mask = np.broadcast_to(template.present_mask, template.recompute.shape).copy()
         self.mask[0] = False
         self.reuse = template.present_mask.copy()  # what a reuse step reuses (key-step genomes)
-        if unet:
+        if nested:
             self.reuse[:branch_unit(branch)] = False
         self.length = template.num_steps - 1 if key_steps else int(self.mask.sum())
         # bits from a slot at one step to the same slot at the next (every step has the same slots)
@@ -145,7 +155,7 @@ class Genome:
             grid[1:][~np.asarray(bits, dtype=bool)] = ~self.reuse
         else:
             grid[self.mask] = np.asarray(bits, dtype=bool)
-        if self.unet:  # as many shells as ones, shallowest first
+        if self.nested:  # as many shells as ones, shallowest first
             grid = (-np.sort(-grid.astype(int), axis=1)).astype(bool)
         t = self.template
         return Schedule(grid, t.units, t.components, "ecad", {}, t.model, meta, t.present, t.forecast)
@@ -183,13 +193,14 @@ def evolve(
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    tools = require("deap.tools", "search", "ECAD schedule search")
     state = PartialState()
     adapter = resolve_adapter(denoiser_of(pipe))
     path = Path(checkpoint) if checkpoint is not None else None
     settings = {k: v for k, v in asdict(config).items() if k != "generations"}  # a resume may run longer
     setting = hashlib.sha1(json.dumps([key, settings, genome.length]).encode()).hexdigest()[:16]
     with suspended(adapter.denoiser):
-        reference = [np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)]
+        reference = [data.generate(pipe, kwargs) for kwargs in data.batches(pipe)]
     cache: dict[str, tuple[float, float]] = {}
 
     def evaluate(population: list[_Individual]) -> None:
@@ -199,7 +210,7 @@ def evolve(
         for bits in tqdm(mine, desc="candidates", leave=False, disable=not progress or not state.is_main_process):
             schedule = genome.decode([int(b) for b in bits])
             with planned(pipe, adapter, schedule, extra):
-                images = [np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)]
+                images = [data.generate(pipe, kwargs) for kwargs in data.batches(pipe)]
             score = quality(np.concatenate(images), np.concatenate(reference), data.conditions)
             results.append((bits, (float(score), cost_model.fraction(schedule))))
         for bits, fitness in gather_object(results) if state.num_processes > 1 else results:
@@ -338,6 +349,7 @@ def _crossover(a: _Individual, b: _Individual, points: int, rng: random.Random) 
 
 def _offspring(population: list[_Individual], config: EvolutionConfig, mutate: _Mutation, rng: random.Random
                ) -> list[_Individual]:
+    tools = require("deap.tools", "search", "ECAD schedule search")
     state = random.getstate()  # deap's tournament draws from the global generator: run it on ours
     random.setstate(rng.getstate())
     try:
@@ -429,6 +441,108 @@ def _load(path: Path, setting: str, cache: dict[str, tuple[float, float]], rng: 
         raise
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SearchError(f"checkpoint {path} is unreadable ({err}); delete it to start the search over") from None
+
+
+_DP_SEED_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+
+
+@register_search("ecad")
+def _ecad(job: SearchJob, options: dict[str, Any]) -> Schedule:
+    require("deap.tools", "search", "ECAD schedule search")  # before the seeds' calibration, not after it
+    options = dict(options)
+    key_steps, branch = bool(options.pop("key_steps", False)), int(options.pop("branch", 0))
+    search_branch(job.adapter.layout(), branch)
+    try:
+        config = EvolutionConfig(**options)
+    except TypeError as err:
+        raise SearchError(f"ecad options: {err}; see diffcache.schedules.evolution.EvolutionConfig "
+                          "(and key_steps=1, branch=B for the key-step genome)") from None
+    steps, adapter = job.data.steps(job.pipe), job.adapter
+    layout = adapter.layout(job.granularity)
+    template = Schedule(np.ones((steps, len(layout.units), len(layout.components)), dtype=bool), layout.units,
+                        layout.components, "none", {}, adapter.model_info, present=layout.present,
+                        forecast=job.forecast)
+    genome = Genome(template, layout.nested, key_steps, branch)
+    # Candidates are judged as they will run: with the search's forecast setting.
+    seeds = [replace(seed, forecast=job.forecast) for seed in _seed_schedules(job, steps)]
+    score = job.quality if callable(job.quality) else quality_function(job.quality)
+    genome_kind = [("key_steps", branch)] if key_steps else []  # (the full genome's keys predate this option)
+    key = repr([adapter.model_info, job.data.key(), job.granularity, job.budget.measure, job.forecast,
+                getattr(score, "__name__", "custom"), *genome_kind, *([job.extra_key] if job.extra_key else [])])
+    result = evolve(job.pipe, job.data, genome, job.cost_model, score, seeds, config, key=key,
+                    progress=job.progress, resume=job.resume, extra=job.extra, budget=job.budget,
+                    checkpoint=job.out / "ecad-checkpoint.json" if job.out is not None else None)
+    if job.out is not None:
+        name = job.quality if isinstance(job.quality, str) else "quality"
+        _write_front(result.front, job.out, name, job.cost_model.measure)
+    chosen = result.pick(job.budget)
+    meta = {"quality": chosen.meta["quality"], "front_size": len(result.front),
+            "evaluated": result.history[-1]["evaluated"]}
+    params = _config_params(config) | ({"key_steps": 1, "branch": branch} if key_steps else {})
+    return replace(chosen, params=params, meta=meta)
+
+
+def _config_params(config: EvolutionConfig) -> dict[str, Any]:
+    return {"population": config.population, "generations": config.generations, "seed": config.seed}
+
+
+def _seed_schedules(job: SearchJob, steps: int) -> list[Schedule]:
+    """ECAD's seed population: uniform presets at several intervals (DeepCache branches on UNets, FORA on
+    transformers; with a forecast also after two warm-up steps, and TaylorSeer's key steps), and DP schedules at
+    several budgets; those whose predicted cost is closest to the budget first, since the pick is made there."""
+    adapter, cost_model = job.adapter, job.cost_model
+    intervals = range(2, min(steps, 8) + 1)
+    warmups = (1, 2) if job.forecast else (1,)  # a forecast wants its two points early (TaylorSeer's warm-up)
+    if adapter.layout().nested:
+        deepest = len(adapter.unit_names) - 2  # DeepCache's deepest branch id: the mid block alone
+        tags = [f"deepcache:interval={n},branch={b},warmup={w}"
+                for n in intervals for b in sorted({-1, 0, deepest // 2}) for w in warmups]
+    elif job.granularity == BLOCK:
+        tags = [f"uniform:interval={n},warmup={w}" for n in intervals for w in warmups]
+    else:
+        tags = [f"fora:interval={n},warmup={w}" for n in intervals for w in warmups]
+    seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
+    if job.forecast:
+        seeds += [_with_key_steps(seeds[0], taylorseer_key_steps(steps, n)) for n in intervals]
+    calibration = job.calibration()
+    for speedup in _DP_SEED_SPEEDUPS:
+        try:
+            seeds.append(dp_schedule(calibration, cost_model, Budget(cost_model.measure, 1 / speedup)))
+        except SearchError:
+            break
+    return sorted(seeds, key=lambda s: abs(cost_model.fraction(s) - job.budget.fraction))
+
+
+def taylorseer_key_steps(steps: int, interval: int, warmup: int = 2) -> np.ndarray:
+    """The steps diffusers' TaylorSeerCache computes (``cache_interval``, ``disable_cache_before_step``): the
+    warm-up, then one step after it and every ``interval`` from there."""
+    k = np.arange(steps)
+    return (k < warmup) | ((k - warmup - 1) % interval == 0)
+
+
+def _with_key_steps(schedule: Schedule, key: np.ndarray) -> Schedule:
+    """``schedule``'s reuse pattern (what a non-key step reuses: its first reuse row) on other key steps."""
+    reuse_row = schedule.recompute[~schedule.recompute.all(axis=(1, 2))][0]
+    grid = np.where(key[:, None, None], True, reuse_row[None])
+    return replace(schedule, recompute=grid, method="taylorseer", params={})
+
+
+def _write_front(front: list[Schedule], out: Path, quality_name: str, measure: str) -> None:
+    """``ecad-front.json`` (every front schedule with its quality and predicted cost) and ``ecad-pareto.png``."""
+    import json
+
+    from ..eval.plots import pareto_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "ecad-front.json", json.dumps([s.to_dict() for s in front], indent=1))
+    points = [("", 1 / s.meta["cost"], s.meta["quality"]) for s in front]  # values are on the axes
+    try:
+        require("matplotlib", "eval", "the ECAD Pareto plot")
+    except MissingExtraError as err:  # the front's JSON is written; the picture is optional
+        logger.warning("%s; ecad-pareto.png is not drawn", err)
+        return
+    pareto_plot({"ECAD front": points}, out / "ecad-pareto.png", quality_name, lower_is_better=False,
+                speedup_label=f"predicted speedup ({measure} cost model, x)")
 
 
 __all__ = ["EvolutionConfig", "EvolutionResult", "Genome", "QualityFn", "evolve", "hypervolume"]

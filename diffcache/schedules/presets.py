@@ -11,16 +11,20 @@ is regenerated exactly at another step count.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..adapters.base import BLOCK, Adapter, Layout
 from ..errors import ScheduleError, SearchError
 from ..schedule import Schedule
+
+logger = logging.getLogger(__name__)
 
 PresetFn = Callable[..., np.ndarray]
 
@@ -29,24 +33,24 @@ PresetFn = Callable[..., np.ndarray]
 class _Preset:
     fn: PresetFn
     granularity: str  # "block" or "component"; a ``granularity`` parameter of fn overrides it
-    families: tuple[str, ...]
+    nested: bool | None  # True: only models whose units are nested shells (UNet branches); False: only flat ones
     defaults: dict[str, Any]
 
 
 _PRESETS: dict[str, _Preset] = {}
 
 
-def register_preset(
-    name: str, granularity: str = BLOCK, families: tuple[str, ...] = ("unet", "transformer")
-) -> Callable[[PresetFn], PresetFn]:
-    """Register ``fn(layout, num_steps, **params) -> recompute`` under ``name`` for model ``families``."""
+def register_preset(name: str, granularity: str = BLOCK, nested: bool | None = None) -> Callable[[PresetFn], PresetFn]:
+    """Register ``fn(layout, num_steps, **params) -> recompute`` under ``name``; ``nested=True`` limits it to
+    models whose units are nested shells (`Layout.nested`, a UNet's DeepCache branches), ``False`` to flat ones
+    (independent blocks), ``None`` (default) fits both."""
 
     def decorate(fn: PresetFn) -> PresetFn:
         if name in _PRESETS:
             raise ValueError(f"preset {name!r} is already registered")
         params = list(inspect.signature(fn).parameters.values())[2:]
         defaults = {p.name: p.default for p in params}
-        _PRESETS[name] = _Preset(fn, granularity, families, defaults)
+        _PRESETS[name] = _Preset(fn, granularity, nested, defaults)
         return fn
 
     return decorate
@@ -96,21 +100,68 @@ def build_from_tag(tag: str, adapter: Adapter, num_steps: int) -> Schedule:
     """The preset plan ``tag`` for ``adapter``'s model at ``num_steps`` steps."""
     name, params = parse_tag(tag)
     preset = _PRESETS[name]
-    if adapter.family not in preset.families:
+    if preset.nested is not None and adapter.layout(BLOCK).nested != preset.nested:
+        kind = "nested units (a UNet's skip branches)" if preset.nested else "independent blocks (transformers)"
         raise ScheduleError(
-            f"preset {name!r} applies to {list(preset.families)} denoisers, but {type(adapter.denoiser).__name__} "
-            f"is a {adapter.family}; try 'fora:interval=N' or 'uniform:interval=N' for transformers, "
-            "'deepcache:interval=N' for UNets"
+            f"preset {name!r} applies to denoisers with {kind}, but {type(adapter.denoiser).__name__}'s are not; "
+            "try 'fora:interval=N' or 'uniform:interval=N' for transformers, 'deepcache:interval=N' for UNets"
         )
     layout = adapter.layout(_granularity(preset, params))
     return _build(name, params, layout, num_steps, adapter.model_info)
 
 
+def from_tag(tag: str, model: torch.nn.Module | Adapter, num_steps: int = 50) -> Schedule:
+    """A preset plan for a denoiser or adapter: ``from_tag("fora:interval=3", pipe.transformer)``."""
+    from ..adapters import resolve_adapter
+
+    adapter = model if isinstance(model, Adapter) else resolve_adapter(model)
+    return build_from_tag(tag, adapter, num_steps)
+
+
+def tag_of(schedule: Schedule) -> str | None:
+    """The preset tag that regenerates ``schedule`` (``"deepcache:interval=3,branch=0"``), or ``None``."""
+    return format_tag(schedule.method, schedule.params) if is_preset(schedule.method) else None
+
+
+def resample(schedule: Schedule, num_steps: int) -> Schedule:
+    """The plan for another step count (a new object; ``schedule`` is unchanged).
+
+    Presets are regenerated exactly from their parameters (unless their bits were edited by hand, which makes
+    them custom plans). Other plans (searched ones) are mapped on the normalized time axis: old step ``k`` lands
+    on new step ``floor(k * num_steps / schedule.num_steps)``, a new step recomputes a slot if any old step
+    landing on it did, and step 0 always recomputes. Going to fewer steps therefore keeps every refresh (more
+    recompute, never less); going to more steps keeps the refreshes at the same relative times. A warning is
+    logged because a searched plan was optimized for its own step count.
+
+    Raises:
+        ScheduleError: ``num_steps`` is not a positive int.
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ScheduleError(f"num_steps must be a positive int, got {num_steps!r}")
+    if num_steps == schedule.num_steps:
+        return schedule
+    if is_preset(schedule.method) and regenerate(schedule, schedule.num_steps) == schedule:
+        return regenerate(schedule, num_steps)
+    logger.warning(
+        "Schedule %r was made for %d steps and is resampled to %d; it was not searched for this step count, "
+        "re-run `diffcache search` at %d steps for the best quality/speed.",
+        schedule.method, schedule.num_steps, num_steps, num_steps,
+    )
+    new = np.zeros((num_steps,) + schedule.recompute.shape[1:], dtype=bool)
+    targets = (np.arange(schedule.num_steps) * num_steps) // schedule.num_steps
+    for old, target in enumerate(targets):
+        new[target] |= schedule.recompute[old]
+    new[0] = True
+    new |= ~schedule.present_mask[None]
+    return replace(schedule, recompute=new, meta=dict(schedule.meta, resampled_from=schedule.num_steps))
+
+
 def regenerate(schedule: Schedule, num_steps: int) -> Schedule:
     """Rebuild a preset schedule at another step count (same units, components, params)."""
     layout = Layout("", schedule.units, schedule.components, schedule.present)
-    return _build(schedule.method, schedule.params, layout, num_steps, schedule.model, schedule.meta,
-                  schedule.forecast)
+    built = _build(schedule.method, schedule.params, layout, num_steps, schedule.model, schedule.meta,
+                   schedule.forecast)
+    return replace(built, reuse=schedule.reuse) if schedule.reuse else built
 
 
 def _build(
@@ -175,7 +226,7 @@ def uniform(layout: Layout, num_steps: int, interval: int = 2, granularity: str 
     return grid
 
 
-@register_preset("fora", granularity="component", families=("transformer",))
+@register_preset("fora", granularity="component", nested=False)
 def fora(layout: Layout, num_steps: int, interval: int = 2, warmup: int = 1) -> np.ndarray:
     """FORA: every block's attention and feed-forward outputs (pre-gate) refreshed every N steps (after
     ``warmup`` full steps, as in ``uniform``)."""
@@ -184,7 +235,7 @@ def fora(layout: Layout, num_steps: int, interval: int = 2, warmup: int = 1) -> 
     return grid
 
 
-@register_preset("deepcache", families=("unet",))
+@register_preset("deepcache", nested=True)
 def deepcache(
     layout: Layout,
     num_steps: int,
@@ -227,14 +278,14 @@ def branch_unit(branch: int) -> int:
     return branch + 1
 
 
-def search_branch(family: str, units: list[str], branch: int) -> int:
-    """A search's ``branch`` option: the first unit its reuse steps reuse (a UNet's DeepCache branch; 0 for
-    transformers, which reuse every block). Raises `SearchError` for a bad branch or one given to a transformer."""
-    if family != "unet":
+def search_branch(layout: Layout, branch: int) -> int:
+    """A search's ``branch`` option: the first unit its reuse steps reuse (a DeepCache branch of nested units; 0
+    for flat units, which all reuse). Raises `SearchError` for a bad branch or one given to flat units."""
+    if not layout.nested:
         if branch:
             raise SearchError("branch= applies to UNets (DeepCache skip branches); transformers reuse every block")
         return 0
-    check_branch(units, branch, SearchError)
+    check_branch(layout.units, branch, SearchError)
     return branch_unit(branch)
 
 

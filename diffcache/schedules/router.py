@@ -32,11 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import BLOCK, Adapter, TransformerAdapter
+from ..adapters.dit import block_input
 from ..errors import SearchError, UnsupportedModelError
-from ..runtime.hooks import block_input
 from ..schedule import Schedule
 from .budget import Budget, CostModel
-from .calibrate import CalibrationData
+from ..data import CalibrationData
+from .methods import SearchJob, register_search
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +182,10 @@ def _denoiser_wrapped(denoiser: torch.nn.Module, on_call: Any) -> Any:
 def train_router(pipe: Any, adapter: Adapter, data: CalibrationData, granularity: str,
                  config: RouterConfig = RouterConfig(), progress: bool = True) -> Router:
     """Train a HarmoniCa router for ``pipe``'s transformer on ``data`` (the pipeline must be unaccelerated)."""
-    if not isinstance(adapter, TransformerAdapter):
+    if not adapter.routable:
         raise UnsupportedModelError(
-            f"router search trains per-block routers for transformers; {type(adapter.denoiser).__name__} is a "
-            f"{adapter.family}. Use method='dp' or 'ecad'"
+            f"router search trains per-block routers for transformers; {type(adapter.denoiser).__name__}'s units "
+            "are not independent blocks. Use method='dp' or 'ecad'"
         )
     layout = adapter.layout(granularity)
     steps = data.steps(pipe)
@@ -210,7 +211,7 @@ def train_router(pipe: Any, adapter: Adapter, data: CalibrationData, granularity
     def generate(kwargs: dict[str, Any], seed: int) -> np.ndarray:
         slots.cache, slots.step = {}, 0
         kwargs["generator"].manual_seed(seed)
-        images = np.asarray(pipe(**kwargs).images)
+        images = data.generate(pipe, kwargs)
         if slots.step != steps:
             raise SearchError(f"the denoiser ran {slots.step} times in a {steps}-step generation; router training "
                               "needs one batched (CFG) denoiser call per step")
@@ -280,6 +281,18 @@ def _detached(output: Any) -> Any:
         return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
     output.sample = output.sample.detach()
     return output
+
+
+@register_search("router")
+def _router(job: SearchJob, options: dict[str, Any]) -> Schedule:
+    try:
+        config = RouterConfig(**options)
+    except TypeError as err:
+        raise SearchError(f"router options: {err}; see diffcache.schedules.router.RouterConfig") from None
+    router = train_router(job.pipe, job.adapter, job.data, job.granularity, config, progress=job.progress)
+    if job.out is not None:
+        router.save(job.out / "router.npz")
+    return router.schedule(job.cost_model, job.budget)
 
 
 __all__ = ["Router", "RouterConfig", "train_router"]

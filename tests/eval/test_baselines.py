@@ -157,7 +157,7 @@ def test_diffcache_reproduces_taylorseer_at_its_key_steps(model, order):
     DiT block) gives TaylorSeer's images, at either order: the searches are seeded with it and priced against it."""
     import diffcache
     from diffcache.adapters import denoiser_of, resolve_adapter
-    from diffcache.schedules.search import taylorseer_key_steps
+    from diffcache.schedules.evolution import taylorseer_key_steps
 
     pipe = pipeline(model)
     params = {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": order}

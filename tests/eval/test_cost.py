@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from diffcache import Schedule
 from diffcache.adapters import resolve_adapter
+from diffcache.adapters import UNetAdapter
 from diffcache.eval import cost
 from diffcache.testing import build_pipeline, call_kwargs
+from diffcache.schedules.presets import from_tag
 
 
 def test_macs_profile_and_schedule_savings(monkeypatch):
@@ -17,10 +18,10 @@ def test_macs_profile_and_schedule_savings(monkeypatch):
     assert block.measure == "macs" and block.total > block.slot_cost.sum() > 0
     # Components are inside their blocks: less than the blocks, more than nothing.
     assert 0.5 * block.slot_cost.sum() < component.slot_cost.sum() < block.slot_cost.sum()
-    every_other = Schedule.from_tag("uniform:interval=2", pipe.transformer, 10)
+    every_other = from_tag("uniform:interval=2", pipe.transformer, 10)
     saved = block.total * 10 - block.step_cost(every_other).sum()
     assert saved == pytest.approx(5 * block.slot_cost.sum())  # 5 of 10 steps reuse every block
-    assert block.speedup(Schedule.from_tag("none", pipe.transformer, 10)) == 1.0
+    assert block.speedup(from_tag("none", pipe.transformer, 10)) == 1.0
 
     # The second call reads the cache: measuring again would need the FLOP counter.
     monkeypatch.setattr(cost, "FlopCounterMode", None)
@@ -31,9 +32,9 @@ def test_macs_profile_and_schedule_savings(monkeypatch):
 def test_unet_branch_costs_grow_shallow_to_deep_share():
     pipe = build_pipeline("sd")
     profile = cost.profile_macs(pipe, call_kwargs("sd", num_inference_steps=1), "block")
-    branch0 = Schedule.from_tag("deepcache:interval=2,branch=0", pipe.unet, 4)
-    branch5 = Schedule.from_tag("deepcache:interval=2,branch=5", pipe.unet, 4)
-    body = Schedule.from_tag("deepcache:interval=2,branch=-1", pipe.unet, 4)  # reuse steps run the head alone
+    branch0 = from_tag("deepcache:interval=2,branch=0", pipe.unet, 4)
+    branch5 = from_tag("deepcache:interval=2,branch=5", pipe.unet, 4)
+    body = from_tag("deepcache:interval=2,branch=-1", pipe.unet, 4)  # reuse steps run the head alone
     assert profile.speedup(body) > profile.speedup(branch0) > profile.speedup(branch5) > 1.0
     head = profile.step_cost(body)[1] / profile.total  # time embedding, conv_norm_out, conv_out
     assert 0 < head < 0.1, head
@@ -53,13 +54,13 @@ def test_saved_macs_profile_is_not_read_for_another_unit_mapping(monkeypatch):
     pipe = build_pipeline("sd")
     kwargs = call_kwargs("sd", num_inference_steps=1)
     first = cost.profile_macs(pipe, kwargs, "block")
-    slot_modules = cost.slot_modules
+    slot_modules = UNetAdapter.slot_modules
 
     def without_conv_in(adapter, granularity):
         slots = slot_modules(adapter, granularity)
         slots[0, 0] = [name for name in slots[0, 0] if name != "conv_in"]
         return slots
 
-    monkeypatch.setattr(cost, "slot_modules", without_conv_in)
+    monkeypatch.setattr(UNetAdapter, "slot_modules", without_conv_in)
     again = cost.profile_macs(pipe, kwargs, "block")
     assert again.slot_cost[0, 0] < first.slot_cost[0, 0] and np.array_equal(again.slot_cost[1:], first.slot_cost[1:])

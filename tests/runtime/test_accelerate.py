@@ -13,6 +13,7 @@ from diffcache import Schedule
 from diffcache.adapters import resolve_adapter
 from diffcache.runtime import find_attachment
 from diffcache.testing import PIPELINE_NAMES, build_pipeline
+from diffcache.schedules.presets import from_tag, resample
 
 from ..conftest import STEPS, TRANSFORMER_PIPELINES, UNET_PIPELINES, WeightCalls, psnr, run
 
@@ -119,13 +120,13 @@ def test_no_stale_features_across_calls(name, caplog):
 def test_searched_schedule_is_resampled_with_a_warning(caplog):
     pipe = build_pipeline("dit")
     adapter = resolve_adapter(pipe.transformer)
-    bits = Schedule.from_tag("fora:interval=3", adapter, 9).recompute.copy()
+    bits = from_tag("fora:interval=3", adapter, 9).recompute.copy()
     searched = Schedule(bits, adapter.layout("component").units, adapter.component_names, method="ecad")
     diffcache.accelerate(pipe, searched)
     with caplog.at_level(logging.WARNING, logger="diffcache"):
         got = run(pipe, "dit", steps=STEPS)
     assert "made for 9 steps and is resampled to 6" in caplog.text
-    want = run(diffcache.accelerate(build_pipeline("dit"), searched.resample(STEPS)), "dit")
+    want = run(diffcache.accelerate(build_pipeline("dit"), resample(searched, STEPS)), "dit")
     assert np.array_equal(got, want)
 
 
@@ -172,9 +173,9 @@ def test_deepcache_recomputes_exactly_the_branch_asked(name, tag, num_units):
     ref = run(pipe, name, steps=steps)
     diffcache.accelerate(pipe, tag)
     ran = ran_per_step(pipe, name, leaves + [consumers[u] for u in range(num_units - 1)], steps=steps)
-    plan = Schedule.from_tag(tag, adapter, steps).recompute[:, :, 0]
+    plan = from_tag(tag, adapter, steps).recompute[:, :, 0]
     assert np.array_equal(ran[:, :num_units], plan) and np.array_equal(ran[:, num_units:], plan[:, :-1])
-    unit = Schedule.from_tag(tag, adapter, steps).params.get("branch", -1) + 1  # units[0] is conv_in's shell
+    unit = from_tag(tag, adapter, steps).params.get("branch", -1) + 1  # units[0] is conv_in's shell
     partial = int(np.flatnonzero(~plan.all(axis=1))[0])
     assert ran[partial, :unit].all() and not ran[partial, unit:num_units].any()
     out = run(pipe, name, steps=steps)
@@ -243,7 +244,7 @@ def test_transformer_caching_runs_what_the_plan_says(name, granularity):
     adapter = resolve_adapter(denoiser(pipe))
     ref = run(pipe, name)
     tag = "fora:interval=2" if granularity == "component" else "uniform:interval=3"
-    plan = Schedule.from_tag(tag, adapter, STEPS)
+    plan = from_tag(tag, adapter, STEPS)
     if granularity == "component":
         slots = [(u, c) for u, unit in enumerate(adapter.units) for c, comp in enumerate(plan.components)
                  if comp in unit.components]
@@ -364,7 +365,7 @@ def test_summary_reports_hits_and_memory():
     pipe = diffcache.accelerate(build_pipeline("dit"), "fora:interval=3")
     run(pipe, "dit")
     summary = diffcache.summary(pipe)
-    plan = Schedule.from_tag("fora:interval=3", pipe.transformer, STEPS)
+    plan = from_tag("fora:interval=3", pipe.transformer, STEPS)
     assert summary.reused.sum() == (~plan.recompute).sum()
     assert summary.computed.sum() == plan.recompute.sum()
     assert summary.cache_usage_ratio == pytest.approx(plan.cache_usage_ratio)

@@ -14,12 +14,13 @@ import diffcache
 from diffcache import Schedule, ScheduleError, UnsupportedModelError
 from diffcache.adapters import resolve_adapter
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag
 
 from .test_accelerate import hooked_modules
 
 
 def dit_schedule(pipe, **changes) -> Schedule:
-    s = Schedule.from_tag("fora:interval=2", pipe.transformer, num_steps=6)
+    s = from_tag("fora:interval=2", pipe.transformer, num_steps=6)
     data = s.to_dict() | changes
     return Schedule.from_dict(data)
 

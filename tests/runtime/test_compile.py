@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 import diffcache
 from diffcache import Schedule
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag
 
 from ..conftest import run
 
@@ -60,7 +61,7 @@ def test_accelerate_a_compiled_wrapper_and_restore():
 
 def test_plans_with_many_patterns_warn_under_compile(caplog):
     pipe = build_pipeline("dit")
-    plan = Schedule.from_tag("fora:interval=2", pipe.transformer, 12)
+    plan = from_tag("fora:interval=2", pipe.transformer, 12)
     bits = plan.recompute.copy()
     for step in range(1, 12):  # every step reuses another set of slots: 12 patterns
         bits[step] = np.array([(step >> i) & 1 for i in range(bits[step].size)], bool).reshape(bits[step].shape)

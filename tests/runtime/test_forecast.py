@@ -10,6 +10,7 @@ import diffcache
 from diffcache import Schedule, ScheduleError
 from diffcache.models import load_pipeline
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag, resample, tag_of
 
 from ..conftest import psnr, run
 
@@ -21,7 +22,7 @@ def test_forecast_extrapolates_from_the_last_two_computed_values():
     ff.forward = lambda hidden_states, *args, **kwargs: torch.full_like(hidden_states, next(values))
     seen = []
     ff.register_forward_hook(lambda _m, _a, out: seen.append(float(out.flatten()[0])))
-    plan = Schedule.from_tag("fora:interval=1", pipe.transformer, 5)
+    plan = from_tag("fora:interval=1", pipe.transformer, 5)
     bits = plan.recompute.copy()
     bits[2:4, 0, plan.components.index("ff")] = False  # ff runs at steps 0, 1, 4; reused at 2 and 3
     for forecast, expected in ((1, [1.0, 3.0, 5.0, 7.0, 100.0]), (0, [1.0, 3.0, 3.0, 3.0, 100.0])):
@@ -39,7 +40,7 @@ def test_second_order_forecast_uses_the_last_three_computed_values():
     ff.forward = lambda hidden_states, *args, **kwargs: torch.full_like(hidden_states, next(feed["values"]))
     seen = []
     ff.register_forward_hook(lambda _m, _a, out: seen.append(float(out.flatten()[0])))
-    plan = Schedule.from_tag("fora:interval=1", pipe.transformer, 6)
+    plan = from_tag("fora:interval=1", pipe.transformer, 6)
     bits = plan.recompute.copy()
     bits[[2, 4, 5], 0, plan.components.index("ff")] = False  # ff runs at steps 0, 1, 3: k^2 + 1 = 1, 2, 10
     # at step 3: d1 = (10 - 2) / 2 = 4, d2 = (4 - 1) / 2 = 1.5; step 4: 10 + 4 + 1.5 / 2, step 5: 10 + 8 + 1.5 * 2
@@ -90,17 +91,17 @@ def test_forecast_is_closer_to_full_on_the_trained_models(name, tag):
 
 def test_forecast_in_json_tags_and_resampling(tmp_path):
     pipe = build_pipeline("dit")
-    schedule = Schedule.from_tag("uniform:interval=3,forecast=1", pipe.transformer, 9)
-    assert schedule.forecast == 1 and schedule.tag == "uniform:interval=3,forecast=1"
-    assert schedule.resample(12).forecast == 1
+    schedule = from_tag("uniform:interval=3,forecast=1", pipe.transformer, 9)
+    assert schedule.forecast == 1 and tag_of(schedule) == "uniform:interval=3,forecast=1"
+    assert resample(schedule, 12).forecast == 1
     path = tmp_path / "s.json"
     schedule.save(path)
     assert Schedule.load(path).forecast == 1 and Schedule.load(path) == schedule
-    plain = Schedule.from_tag("uniform:interval=3", pipe.transformer, 9)
+    plain = from_tag("uniform:interval=3", pipe.transformer, 9)
     assert "forecast" not in plain.to_dict()  # files without forecasting stay as before
     searched = Schedule(plain.recompute, plain.units, plain.components, "dp", forecast=1)
-    assert searched.resample(12).forecast == 1
-    assert Schedule.from_tag("uniform:interval=3,forecast=2", pipe.transformer, 9).resample(12).forecast == 2
+    assert resample(searched, 12).forecast == 1
+    assert resample(from_tag("uniform:interval=3,forecast=2", pipe.transformer, 9), 12).forecast == 2
     for bad in (3, -1, True, "1"):
         with pytest.raises(ScheduleError, match="forecast must be 0"):
             Schedule(plain.recompute, plain.units, plain.components, forecast=bad)
@@ -108,12 +109,12 @@ def test_forecast_in_json_tags_and_resampling(tmp_path):
 
 def test_warmup_computes_the_first_steps_then_counts_the_interval():
     pipe = build_pipeline("dit")
-    schedule = Schedule.from_tag("uniform:interval=4,warmup=2,forecast=1", pipe.transformer, 12)
+    schedule = from_tag("uniform:interval=4,warmup=2,forecast=1", pipe.transformer, 12)
     assert np.flatnonzero(schedule.recompute.all(axis=(1, 2))).tolist() == [0, 1, 5, 9]
-    assert np.flatnonzero(Schedule.from_tag("fora:interval=3", pipe.transformer, 12).recompute.all(axis=(1, 2))
+    assert np.flatnonzero(from_tag("fora:interval=3", pipe.transformer, 12).recompute.all(axis=(1, 2))
                           ).tolist() == [0, 3, 6, 9]
     unet = build_pipeline("sd").unet
-    deepcache = Schedule.from_tag("deepcache:interval=3,warmup=3", unet, 10)
+    deepcache = from_tag("deepcache:interval=3,warmup=3", unet, 10)
     assert np.flatnonzero(deepcache.recompute.all(axis=(1, 2))).tolist() == [0, 1, 2, 5, 8]
     with pytest.raises(ScheduleError, match="warmup must be >= 1"):
-        Schedule.from_tag("uniform:interval=2,warmup=0", pipe.transformer, 12)
+        from_tag("uniform:interval=2,warmup=0", pipe.transformer, 12)

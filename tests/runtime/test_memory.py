@@ -12,6 +12,7 @@ import diffcache
 from diffcache import Schedule
 from diffcache.runtime import find_attachment
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag
 
 from ..conftest import STEPS, run
 
@@ -54,7 +55,7 @@ def test_transformer_cache_holds_only_the_reused_components():
     blocks = pipe.transformer.transformer_blocks
     ff = output_bytes(pipe, "dit", [b.ff for b in blocks])
     attn = output_bytes(pipe, "dit", [b.attn1 for b in blocks])
-    plan = Schedule.from_tag("fora:interval=2", pipe.transformer, STEPS)
+    plan = from_tag("fora:interval=2", pipe.transformer, STEPS)
     only_ff = plan.recompute.copy()
     only_ff[:, :, plan.components.index("attn1")] = True  # attention recomputes every step
     for bits, expected in ((plan.recompute, sum(ff) + sum(attn)), (only_ff, sum(ff))):

@@ -8,7 +8,7 @@ import pytest
 import diffcache
 from diffcache.runtime import Executor
 from diffcache.runtime.attach import find_attachment
-from diffcache.runtime.executor import STACK
+from diffcache.runtime.transformer import STACK, TransformerRuntime
 from diffcache.testing import build_pipeline
 
 from ..conftest import run
@@ -16,13 +16,14 @@ from ..conftest import run
 
 def per_block(monkeypatch) -> None:
     """Run plans block by block, as if the stack could not be fused."""
-    use_plan = Executor._use_plan
+    use_plan = TransformerRuntime.use_plan
 
     def without_fusing(self, plan):
-        use_plan(self, plan)
+        needed = use_plan(self, plan)
         self.fuse_blocks = False
+        return needed
 
-    monkeypatch.setattr(Executor, "_use_plan", without_fusing)
+    monkeypatch.setattr(TransformerRuntime, "use_plan", without_fusing)
 
 
 def executor(pipe) -> Executor:
@@ -36,13 +37,13 @@ def test_whole_step_reuse_caches_the_stack_once(name, tag, monkeypatch):
     diffcache.accelerate(pipe, tag)
     fused = run(pipe, name, steps=7)
     ex = executor(pipe)
-    assert ex.fuse_blocks and ex.chain_checked
+    assert ex.family.fuse_blocks and ex.family.chain_checked
     fused_peak = ex.peak_cache_bytes
     diffcache.accelerate(pipe, tag)
     with monkeypatch.context() as patch:
         per_block(patch)
         blockwise = run(pipe, name, steps=7)
-        assert not executor(pipe).fuse_blocks
+        assert not executor(pipe).family.fuse_blocks
         blockwise_peak = executor(pipe).peak_cache_bytes
     # Adding the stack's residual once is adding each block's, up to float rounding.
     np.testing.assert_allclose(fused, blockwise, atol=2e-5)
@@ -78,7 +79,7 @@ def test_blocks_that_do_not_feed_each_other_are_cached_one_by_one(monkeypatch):
     pipe = build_pipeline("dit")
     diffcache.accelerate(pipe, "uniform:interval=2", units="transformer_blocks.*.ff")
     fallback = run(pipe, "dit", steps=6)
-    assert not executor(pipe).fuse_blocks
+    assert not executor(pipe).family.fuse_blocks
     with monkeypatch.context() as patch:
         per_block(patch)
         diffcache.accelerate(pipe, "uniform:interval=2", units="transformer_blocks.*.ff")

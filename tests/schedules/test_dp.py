@@ -59,7 +59,7 @@ def fake_calibration(family: str, units: int = 4, components: int = 2, steps: in
     shape = (units, len(comps), steps, steps)
     gaps = np.abs(np.arange(steps)[:, None] - np.arange(steps)[None, :])
     distances = {m: rng.random(shape) * 0.1 + gaps * rng.random((units, len(comps), 1, 1)) for m in ("l1", "cosine")}
-    return Calibration([f"u{i}" for i in range(units)], comps, np.ones((units, len(comps)), bool), family,
+    return Calibration([f"u{i}" for i in range(units)], comps, np.ones((units, len(comps)), bool), family == "unet",
                        {"class": "Fake", "fingerprint": "0"}, "data", distances, np.ones((units, len(comps))),
                        rng.random(steps) + 0.5)
 

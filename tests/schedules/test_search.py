@@ -17,10 +17,12 @@ from diffcache.cli import main
 from diffcache.errors import SearchError, UnsupportedModelError
 from diffcache.eval.cost import CostProfile
 from diffcache.schedules.budget import Budget, CostModel
-from diffcache.schedules.calibrate import Calibration, CalibrationData, calibrate
+from diffcache.data import CalibrationData
+from diffcache.schedules.calibrate import Calibration, calibrate
 from diffcache.schedules.evolution import EvolutionConfig, Genome, evolve, hypervolume
-from diffcache.schedules.search import quality_function
+from diffcache.eval.quality import quality_function
 from diffcache.testing import build_pipeline
+from diffcache.schedules.presets import from_tag
 from tests.conftest import psnr
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,8 +86,8 @@ def run_ecad(pipe, generations: int, checkpoint=None, resume=False, population: 
              key_steps: bool = False, **options):
     d = data(num_inference_steps=steps)
     adapter = resolve_adapter(denoiser_of(pipe))
-    genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", adapter, steps), unet=False, key_steps=key_steps)
-    seeds = [diffcache.Schedule.from_tag(f"fora:interval={n}", adapter, steps) for n in (2, 3)]
+    genome = Genome(from_tag("fora:interval=2", adapter, steps), nested=False, key_steps=key_steps)
+    seeds = [from_tag(f"fora:interval={n}", adapter, steps) for n in (2, 3)]
     cost = CostModel("recompute")
     budget = options.pop("budget", None)
     config = EvolutionConfig(population=population, generations=generations, seed=3, **options)
@@ -156,28 +158,28 @@ def test_polish_improves_the_pick_within_budget_and_resumes(dit, tmp_path):
 def test_unet_genome_decodes_to_valid_shells():
     pipe = build_pipeline("sd")
     adapter = resolve_adapter(denoiser_of(pipe))
-    genome = Genome(diffcache.Schedule.from_tag("none", adapter, 4), unet=True)
+    genome = Genome(from_tag("none", adapter, 4), nested=True)
     rng = np.random.default_rng(0)
     for _ in range(20):
         schedule = genome.decode(rng.integers(0, 2, genome.length))
         adapter.check_schedule(schedule)  # raises unless every step is 1..10..0
-    deepcache = diffcache.Schedule.from_tag("deepcache:interval=2,branch=2", adapter, 4)
+    deepcache = from_tag("deepcache:interval=2,branch=2", adapter, 4)
     assert genome.decode(genome.encode(deepcache)).recompute.tolist() == deepcache.recompute.tolist()
 
 
 def test_key_step_genome_round_trips_presets():
     unet = resolve_adapter(denoiser_of(build_pipeline("sd")))
-    genome = Genome(diffcache.Schedule.from_tag("none", unet, 8), unet=True, key_steps=True, branch=2)
+    genome = Genome(from_tag("none", unet, 8), nested=True, key_steps=True, branch=2)
     assert genome.length == 7
-    deepcache = diffcache.Schedule.from_tag("deepcache:interval=3,branch=2", unet, 8)
+    deepcache = from_tag("deepcache:interval=3,branch=2", unet, 8)
     assert genome.encode(deepcache) == [0, 0, 1, 0, 0, 1, 0]
     assert genome.decode(genome.encode(deepcache)).recompute.tolist() == deepcache.recompute.tolist()
-    body = Genome(diffcache.Schedule.from_tag("none", unet, 8), unet=True, key_steps=True, branch=-1)
-    whole = diffcache.Schedule.from_tag("uniform:interval=3", unet, 8)  # TaylorSeer's cut: the whole body reused
+    body = Genome(from_tag("none", unet, 8), nested=True, key_steps=True, branch=-1)
+    whole = from_tag("uniform:interval=3", unet, 8)  # TaylorSeer's cut: the whole body reused
     assert body.decode(body.encode(whole)).recompute.tolist() == whole.recompute.tolist()
     dit = resolve_adapter(denoiser_of(build_pipeline("dit")))
-    genome = Genome(diffcache.Schedule.from_tag("fora:interval=2", dit, 8), unet=False, key_steps=True)
-    fora = diffcache.Schedule.from_tag("fora:interval=3,warmup=2", dit, 8)
+    genome = Genome(from_tag("fora:interval=2", dit, 8), nested=False, key_steps=True)
+    fora = from_tag("fora:interval=3,warmup=2", dit, 8)
     assert genome.encode(fora) == [1, 0, 0, 1, 0, 0, 1]
     assert genome.decode(genome.encode(fora)).recompute.tolist() == fora.recompute.tolist()
 
@@ -187,8 +189,8 @@ def test_shift_mutation_moves_computed_slots_along_the_steps_at_the_same_cost(ke
     import random
 
     dit = resolve_adapter(denoiser_of(build_pipeline("dit")))
-    template = diffcache.Schedule.from_tag("none", dit, 9)
-    genome = Genome(template, unet=False, key_steps=key_steps)
+    template = from_tag("none", dit, 9)
+    genome = Genome(template, nested=False, key_steps=key_steps)
     assert genome.stride == (1 if key_steps else len(dit.unit_names) * len(template.components))
     mutate = EvolutionConfig(shift_prob=1.0).mutation(genome)
     rng, moved = random.Random(0), 0
