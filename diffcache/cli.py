@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import DiffcacheError, PipelineNotFoundError
 from .eval.metrics import METRIC_NAMES
+from . import models  # noqa: F401  (registers the digits classifier's quality objectives)
 from .eval.quality import quality_names
 from .schedule import FORECAST_ORDERS
 from .schedules.methods import search_methods

@@ -16,8 +16,7 @@ ROOT = Path(diffcache.__file__).parent
 # Lowest first. A module may import its own layer and those below it; the two arrows that run back up are
 # named in UPWARD with the reason docs/ARCHITECTURE.md gives.
 LAYERS = [
-    ("base", ["errors", "optional", "files", "data", "loading"]),
-    ("models", ["models", "testing"]),
+    ("base", ["errors", "optional", "registry", "files", "data", "loading"]),
     ("plan", ["schedule"]),
     ("families", ["adapters"]),
     ("kernels", ["kernels"]),
@@ -25,6 +24,7 @@ LAYERS = [
     ("presets", ["schedules.presets"]),
     ("quant", ["quant"]),
     ("measure", ["eval.cost", "eval.metrics", "eval.plots", "eval.baselines", "eval.quality"]),
+    ("models", ["models", "testing"]),
     ("search", ["schedules"]),
     ("api", ["api", "__init__"]),
     ("face", ["cli", "__main__", "eval"]),

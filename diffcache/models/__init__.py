@@ -16,7 +16,8 @@ directly, pass the VAE: ``DiTPipeline.from_pretrained(folder, vae=AutoencoderKL.
 
 Example::
 
-    import torch
+    import numpy as np
+import torch
     from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
     pipe = load_pipeline("digits-dit")
     images = pipe(class_labels=[0, 1, 2], guidance_scale=GUIDANCE_SCALE,
@@ -26,12 +27,17 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline
 
 from ..errors import PipelineNotFoundError
+from ..eval.metrics import accuracy, fid
+from ..eval.quality import QualityFn, register_quality
 from .classifier import DigitClassifier, DigitFeatures, prepare
 from .digits import NUM_CLASSES, real_digits
 from .pipeline import DigitsUNetPipeline
@@ -109,6 +115,29 @@ def load_pipeline(name: str) -> DiffusionPipeline:
 def load_classifier() -> DigitClassifier:
     """The digit classifier (float32, eval mode): ``features`` for Fréchet distances, ``predict`` for accuracy."""
     return _float32(DigitClassifier.from_pretrained(CLASSIFIER_DIR, local_files_only=True))
+
+
+
+# The classifier's search objectives ("accuracy" of the intended digit, negated "fid" to the full model's
+# features), registered here because they only mean something for these models (search never loads one).
+@register_quality("accuracy")
+def _accuracy() -> QualityFn:
+    classifier = load_classifier()
+
+    def quality(outputs: np.ndarray, full: np.ndarray, conditions: Sequence[Any]) -> float:
+        return accuracy(outputs, [int(c) for c in conditions], classifier)
+
+    return quality
+
+
+@register_quality("fid")
+def _fid() -> QualityFn:
+    classifier = load_classifier()
+
+    def quality(outputs: np.ndarray, full: np.ndarray, conditions: Sequence[Any]) -> float:
+        return -fid(outputs, full, classifier)
+
+    return quality
 
 
 __all__ = [

@@ -13,12 +13,12 @@ integers that repeat across steps only, so they add no graph break.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ScheduleError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..schedule import Schedule
@@ -48,23 +48,14 @@ class Mechanism:
         """Called before each planned denoiser call (``like``: one of its tensor inputs, for device/dtype)."""
 
 
-_MECHANISMS: dict[str, type[Mechanism]] = {}
-
-
-def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]]:
-    """Class decorator: make a `Mechanism` available to plans as ``reuse=name``."""
-
-    def decorate(cls: type[Mechanism]) -> type[Mechanism]:
-        if name in _MECHANISMS:
-            raise ValueError(f"a reuse mechanism named {name!r} is already registered")
-        _MECHANISMS[name] = cls
-        return cls
-
-    return decorate
+MECHANISMS: Registry[type[Mechanism]] = Registry(
+    "reuse mechanism", ScheduleError, " (a mechanism registers with @diffcache.runtime.register_mechanism)")
+register_mechanism = MECHANISMS.register
+"""Class decorator: make a `Mechanism` available to plans as ``reuse=name``."""
 
 
 def mechanism_names() -> list[str]:
-    return sorted(_MECHANISMS)
+    return MECHANISMS.names()
 
 
 def mechanism_class(plan: Schedule) -> type[Mechanism]:
@@ -74,12 +65,12 @@ def mechanism_class(plan: Schedule) -> type[Mechanism]:
         ScheduleError: the plan names a mechanism nobody registered.
     """
     name = plan.reuse or ("taylor" if plan.forecast else "copy")
-    if name not in _MECHANISMS:
+    if name not in MECHANISMS:
         raise ScheduleError(
             f"the schedule serves reuse steps with {name!r}, which is not a registered reuse mechanism; known: "
             f"{mechanism_names()} (a mechanism registers with @diffcache.runtime.register_mechanism)"
         )
-    return _MECHANISMS[name]
+    return MECHANISMS.get(name)
 
 
 def mechanism_for(executor: Executor, plan: Schedule) -> Mechanism:

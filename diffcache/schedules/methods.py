@@ -15,6 +15,7 @@ from typing import Any
 from ..adapters import Adapter
 from ..data import CalibrationData
 from ..errors import SearchError
+from ..registry import Registry
 from ..schedule import Schedule
 from .budget import Budget, CostModel
 from .calibrate import Calibration, calibrate
@@ -48,32 +49,16 @@ class SearchJob:
 
 
 SearchFn = Callable[[SearchJob, dict[str, Any]], Schedule]
-_SEARCHES: dict[str, SearchFn] = {}
-
-
-def register_search(name: str) -> Callable[[SearchFn], SearchFn]:
-    """Register ``fn(job, options) -> Schedule`` as search method ``name``."""
-
-    def decorate(fn: SearchFn) -> SearchFn:
-        if name in _SEARCHES:
-            raise ValueError(f"a search method named {name!r} is already registered")
-        _SEARCHES[name] = fn
-        return fn
-
-    return decorate
+SEARCHES: Registry[SearchFn] = Registry("search method", SearchError)
+register_search = SEARCHES.register
+"""Decorator: register ``fn(job, options) -> Schedule`` as search method ``name``."""
 
 
 def search_methods() -> list[str]:
     """The registered method names, in registration order."""
-    return list(_SEARCHES)
+    return SEARCHES.names()
 
 
 def search_method(name: str) -> SearchFn:
-    """The registered method ``name``.
-
-    Raises:
-        SearchError: no such method.
-    """
-    if name not in _SEARCHES:
-        raise SearchError(f"unknown search method {name!r}; choose from {search_methods()}")
-    return _SEARCHES[name]
+    """The registered method ``name``. Raises `SearchError` for an unknown one."""
+    return SEARCHES.get(name)
