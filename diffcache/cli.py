@@ -125,13 +125,27 @@ def _search(args: argparse.Namespace) -> int:
         pipe, conditions, args.method, budget, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, batch_size=args.batch_size, granularity=args.granularity, quality=args.quality,
         out_dir=out.parent / f"{out.stem}-search", resume=args.resume, forecast=args.forecast,
-        progress=not args.quiet, **options,
+        presets=args.presets, progress=not args.quiet, **options,
     )
     schedule.save(out)
     meta = schedule.meta
     print(f"{args.method} search: {schedule.num_steps} steps, {len(schedule.units)} units x "
           f"{len(schedule.components)} components; predicted {budget.measure} speedup {meta['predicted_speedup']:.2f}x "
           f"(budget {budget}), cache usage {schedule.cache_usage_ratio:.1%}, {time.perf_counter() - start:.0f} s")
+    arena = meta.get("arena")
+    if arena is not None:
+        best = arena["best_preset"]
+        print(f"final round: {arena['chosen']} won among {arena['candidates']} candidates on the calibration set "
+              f"(quality {arena['calibration_quality']:.3f}" + (f"; best preset {best['label']} "
+              f"{best['calibration_quality']:.3f})" if best else ")"))
+        held = arena.get("held_out")
+        if held is not None:
+            line = (f"held out ({held['conditions']} conditions, other seeds): {held['chosen_quality']:.3f} vs the "
+                    f"preset's {held['best_preset_quality']:.3f}")
+            if "psnr_difference" in held:
+                d = held["psnr_difference"]
+                line += f"; PSNR difference {d['mean']:+.2f} dB [{d['low']:+.2f}, {d['high']:+.2f}] (95%, paired)"
+            print(line)
     print(f"wrote {out}; run it with: diffcache run --pipeline {args.pipeline} --schedule {out} ...")
     return 0
 
@@ -321,9 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
-    search.add_argument("--forecast", type=int, choices=list(FORECAST_ORDERS), default=0,
-                        help="1 or 2: reuse steps serve a Taylor forecast of that order of the cache (better "
-                        "quality, 2 or 3 times the cache memory); default 0 copies it")
+    search.add_argument("--forecast", type=int, choices=list(FORECAST_ORDERS), default=None,
+                        help="fix what reuse steps serve: 0 a copy of the cache, 1 or 2 its Taylor forecast of that "
+                        "order (2 or 3 times the cache memory); default: measured on the calibration set")
+    search.add_argument("--no-presets", dest="presets", action="store_false",
+                        help="return the method's own pick, without the final round against every preset that "
+                        "fits the budget")
     search.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="method setting, repeatable: generations=20, population=24, branch=0, epochs=8, ...")
     search.set_defaults(handler=_search, parser=search)

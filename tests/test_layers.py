@@ -23,7 +23,7 @@ LAYERS = [
     ("runtime", ["runtime"]),
     ("presets", ["schedules.presets"]),
     ("quant", ["quant"]),
-    ("measure", ["eval.cost", "eval.metrics", "eval.plots", "eval.baselines", "eval.quality"]),
+    ("measure", ["eval.cost", "eval.metrics", "eval.plots", "eval.baselines", "eval.quality", "eval.intervals"]),
     ("models", ["models", "testing"]),
     ("search", ["schedules"]),
     ("api", ["api", "__init__"]),

@@ -25,7 +25,8 @@ from ..schedule import Schedule
 from ..data import generate
 from ..schedules.presets import build_from_tag, parse_tag, resample, tag_of
 from .cost import profile_latency, profile_macs
-from .metrics import psnr
+from .intervals import Interval, bootstrap, paired
+from .metrics import psnr, psnr_per_image
 
 FULL = "full"
 
@@ -50,6 +51,17 @@ class BenchRow:
     ideal_latency: float
     psnr_db: float
     images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    psnr_images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    @property
+    def psnr_interval(self) -> Interval | None:
+        """95% bootstrap interval of the mean PSNR over the images (``None`` for fewer than two)."""
+        return bootstrap(self.psnr_images) if len(self.psnr_images) >= 2 else None
+
+
+def psnr_difference(a: BenchRow, b: BenchRow) -> Interval:
+    """Paired 95% interval of ``a``'s minus ``b``'s per-image PSNR (the same seeds): "a beats b" needs it above 0."""
+    return paired(a.psnr_images, b.psnr_images)
 
 
 def compare_methods(
@@ -118,7 +130,8 @@ def compare_methods(
         w, c = statistics.median(wall[method]), statistics.median(cpu[method])
         rows.append(
             BenchRow(method, num_steps, w, c, full_wall / w, full_cpu / c, macs_speedup, ideal_macs, ideal_latency,
-                     psnr(images[method], images[FULL]), images[method])
+                     psnr(images[method], images[FULL]), images[method],
+                     psnr_per_image(images[method], images[FULL]))
         )
     return rows
 
@@ -131,7 +144,19 @@ def label(method: str | Schedule) -> str:
     branch = method.params.get("branch", 0) if keys else 0
     options = ((",key_steps=1" if keys else "") + (f",branch={branch}" if branch else "")
                + (f",forecast={method.forecast}" if method.forecast else ""))
-    return tag_of(method) or f"{method.method}{options} {method.meta.get('budget', '')}".strip()
+    budget = method.meta.get("budget", "")
+    searched = method.meta.get("search_method")
+    if searched is not None and "arena" in method.meta:  # what the search's final round chose, and from where
+        return f"{searched} {budget}: {tag_of(method) or method.method + options}".strip()
+    return tag_of(method) or f"{method.method}{options} {budget}".strip()
+
+
+def psnr_cell(row: BenchRow) -> str:
+    """Mean PSNR, with its 95% interval over images where there are several (and they differ from the full)."""
+    interval = row.psnr_interval
+    if interval is None or row.psnr_db >= 100:
+        return f"{row.psnr_db:.1f}"
+    return f"{row.psnr_db:.1f} [{interval.low:.1f}, {interval.high:.1f}]"
 
 
 def _amdahl(share: float, speedup: float) -> float:
@@ -172,6 +197,6 @@ def format_table(title: str, rows: Sequence[BenchRow]) -> str:
         lines.append(
             f"| {r.method} | {r.num_steps} | {r.wall_s:.3f} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | "
             f"{r.macs_speedup:.2f}x | {r.ideal_macs:.2f}x | {r.speedup / r.ideal_macs:.0%} | "
-            f"{r.ideal_latency:.2f}x | {r.speedup / r.ideal_latency:.0%} | {r.psnr_db:.1f} |"
+            f"{r.ideal_latency:.2f}x | {r.speedup / r.ideal_latency:.0%} | {psnr_cell(r)} |"
         )
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Everything runs offline on the embedded default models (`diffcache.models`): besides the presets, each model gets
 a schedule searched for it (`diffcache.search`, dynamic programming on 10 calibration labels at another seed,
-budget ``SEARCH_BUDGET``, reuse steps forecast to first order). Images per method use the same seeds and
+budget ``SEARCH_BUDGET``; the search's final round measures the pick with and without a forecast against every
+preset that fits, and holds out two labels). Images per method use the same seeds and
 labels, speed is measured side by side with alternated runs (`bench.compare_methods`), quality is the Fréchet
 distance of the digit classifier's features to held-out real digits, the classifier's accuracy on the requested
 labels, and PSNR against the full model's images.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..schedules.search import search
-from .bench import FULL, BenchRow, compare_methods
+from .bench import FULL, BenchRow, psnr_cell, compare_methods, psnr_difference
 from .metrics import accuracy, fid
 from .plots import image_grid, pareto_plot
 
@@ -55,7 +56,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
                     "num_inference_steps": NUM_INFERENCE_STEPS, "generator": torch.Generator("cpu").manual_seed(0)}
 
         searched = search(pipe, list(range(10)), "dp", SEARCH_BUDGET, num_inference_steps=NUM_INFERENCE_STEPS,
-                          guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, forecast=1,
+                          guidance_scale=GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10,
                           progress=progress)
         others = _quantized(pipe, quant, schedules[1], progress) if quant else {}
         rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress, others=others)
@@ -95,8 +96,31 @@ def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float
         method = "full (no cache)" if r.method == FULL else r.method
         macs, ideal = (f"{v:.2f}x" if math.isfinite(v) else "n/a" for v in (r.macs_speedup, r.ideal_latency))
         lines.append(f"| {method} | {macs} | {r.speedup:.2f}x | {ideal} | {frechet:.1f} | {acc:.1%} | "
-                     f"{r.psnr_db:.1f} |")
+                     f"{psnr_cell(r)} |")
+    searched = rows[-1]
+    lines += ["", front_check(searched, [r for r in rows[1:-1]])]
     return "\n".join(lines)
+
+
+SPEED_TOLERANCE = 0.03  # measured speedups repeat within about this on the shared 2-core machine
+
+
+def front_check(searched: BenchRow, presets: list[BenchRow]) -> str:
+    """Whether ``searched`` lies on the measured front: no preset at least as fast (within `SPEED_TOLERANCE`) is
+    better by a paired 95% PSNR interval above zero. Returns one line saying so, with the paired differences."""
+    rivals = [p for p in presets if p.speedup >= searched.speedup * (1 - SPEED_TOLERANCE)]
+    if not rivals:
+        return f"{searched.method}: on the measured front (no preset is as fast)."
+    parts, beaten_by = [], []
+    for rival in rivals:
+        diff = psnr_difference(searched, rival)
+        parts.append(f"{rival.method} {diff.mean:+.2f} dB [{diff.low:+.2f}, {diff.high:+.2f}]")
+        if diff.high < 0:
+            beaten_by.append(rival.method)
+    verdict = (f"off the measured front: {', '.join(beaten_by)} is as fast and better" if beaten_by
+               else "on the measured front")
+    return (f"{searched.method}: {verdict} (paired 95% PSNR difference vs each preset at least as fast: "
+            + "; ".join(parts) + ").")
 
 
 __all__ = ["DEMO_SCHEDULES", "run_demo"]

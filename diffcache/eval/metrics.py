@@ -49,12 +49,19 @@ def to_uint8(image: Any) -> np.ndarray:
 
 def psnr(images: Any, reference: Any) -> float:
     """Mean per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB`."""
-    tm_image = require("torchmetrics.functional.image", "eval", "the PSNR metric")
-    peak_signal_noise_ratio = tm_image.peak_signal_noise_ratio
+    return float(_psnr_values(images, reference).mean())
 
+
+def psnr_per_image(images: Any, reference: Any) -> np.ndarray:
+    """Per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB` (for intervals)."""
+    return _psnr_values(images, reference).double().numpy().reshape(-1)
+
+
+def _psnr_values(images: Any, reference: Any) -> torch.Tensor:
+    tm_image = require("torchmetrics.functional.image", "eval", "the PSNR metric")
     a, b = _pair(images, reference)
-    values = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return float(values.clamp(max=PSNR_CAP_DB).mean())
+    values = tm_image.peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return values.clamp(max=PSNR_CAP_DB)
 
 
 def ssim(images: Any, reference: Any) -> float:

@@ -503,7 +503,7 @@ def _seed_schedules(job: SearchJob, steps: int) -> list[Schedule]:
         tags = [f"fora:interval={n},warmup={w}" for n in intervals for w in warmups]
     seeds = [build_from_tag(tag, adapter, steps) for tag in tags]
     if job.forecast:
-        seeds += [_with_key_steps(seeds[0], taylorseer_key_steps(steps, n)) for n in intervals]
+        seeds += [with_key_steps(seeds[0], taylorseer_key_steps(steps, n)) for n in intervals]
     calibration = job.calibration()
     for speedup in _DP_SEED_SPEEDUPS:
         try:
@@ -520,7 +520,7 @@ def taylorseer_key_steps(steps: int, interval: int, warmup: int = 2) -> np.ndarr
     return (k < warmup) | ((k - warmup - 1) % interval == 0)
 
 
-def _with_key_steps(schedule: Schedule, key: np.ndarray) -> Schedule:
+def with_key_steps(schedule: Schedule, key: np.ndarray) -> Schedule:
     """``schedule``'s reuse pattern (what a non-key step reuses: its first reuse row) on other key steps."""
     reuse_row = schedule.recompute[~schedule.recompute.all(axis=(1, 2))][0]
     grid = np.where(key[:, None, None], True, reuse_row[None])

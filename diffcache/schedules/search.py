@@ -18,15 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from ..adapters import BLOCK, Adapter, Layout, denoiser_of, resolve_adapter
+from ..data import CalibrationData, Compare, Generate, conditions_from
 from ..errors import SearchError
+from ..eval.quality import QualityFn
 from ..runtime import suspended
 from ..schedule import FORECAST_ORDERS, Schedule
-from ..data import CalibrationData, Compare, Generate, conditions_from
 from . import dp, evolution, router  # noqa: F401  (they register the built-in methods)
+from .arena import best_of, split
 from .budget import Budget, CostModel
-from ..eval.quality import QualityFn
 from .methods import SearchJob, search_method
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,14 @@ def search(
     quality: str | QualityFn = "psnr",
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    forecast: int = 0,
+    forecast: int | None = None,
     quant: Any = None,
     cost_model: CostModel | None = None,
     progress: bool = True,
     generate: Generate | None = None,
     compare: Compare | None = None,
+    validation: Sequence[str | int] | bool | None = None,
+    presets: bool = True,
     **options: Any,
 ) -> Schedule:
     """Search a cache schedule for ``pipe`` on calibration ``prompts`` (text prompts or class ids, or a prompt
@@ -71,8 +73,17 @@ def search(
         out_dir: keeps the calibration, the ECAD checkpoint, its Pareto front (``ecad-front.json``,
             ``ecad-pareto.png``) and router logits; needed for ``resume``.
         resume: continue an interrupted ECAD run from ``out_dir``.
-        forecast: ``1`` or ``2`` makes reuse steps serve a Taylor forecast of that order (see `Schedule`); ECAD
-            then judges every candidate with forecasting.
+        forecast: ``0``, ``1`` or ``2`` fixes what reuse steps serve (the cached feature, or its Taylor forecast of
+            that order, see `Schedule`); ECAD then judges every candidate with it. Default ``None``: the method
+            searches without a forecast and the final round measures its pick at every order.
+        validation: held-out conditions (scored with other seeds): the pick and the best preset are reported on
+            them (``meta["arena"]["held_out"]``, with a paired 95% PSNR interval) and a warning says when the pick
+            loses there. Default ``None`` holds out the last fifth of ten or more calibration conditions;
+            ``False`` none.
+        presets: end with the final round (default): the method's pick against every preset that fits the budget
+            (uniform / DeepCache / FORA, warm-ups, forecasts, TaylorSeer's key steps), all measured on the
+            calibration set with ``quality``; the best is returned, so it is never worse there than a preset.
+            ``False`` returns the method's own pick (to study a method).
         quant: search for the quantized model (what ``accelerate(..., quant=)`` takes): calibration features
             and ECAD candidates come from it, quality is still measured against the float model (dp, bac, ecad).
         cost_model: price schedules with this model (``CostModel.measure_on(pipe, call_kwargs, measure,
@@ -90,7 +101,7 @@ def search(
             ``cost_model`` of another measure or layout.
     """
     run = search_method(method)
-    if forecast not in FORECAST_ORDERS or isinstance(forecast, bool):
+    if forecast is not None and (forecast not in FORECAST_ORDERS or isinstance(forecast, bool)):
         raise SearchError(f"forecast must be one of {list(FORECAST_ORDERS)} (0: reuse the cached feature, 1 or 2: "
                           f"Taylor forecast of that order), got {forecast!r}")
     budget = Budget.parse(budget)
@@ -98,9 +109,19 @@ def search(
     adapter = resolve_adapter(denoiser)
     granularity = granularity or default_granularity(method, adapter, bool(options.get("key_steps")))
     _check_cost_model(cost_model, budget, adapter.layout(granularity))
-    data = CalibrationData(conditions_from(prompts, pipe), num_inference_steps, guidance_scale, seed, batch_size,
-                           **({"generate": generate} if generate is not None else {}),
-                           **({"compare": compare} if compare is not None else {}))
+    outputs = ({"generate": generate} if generate is not None else {}) | (
+        {"compare": compare} if compare is not None else {})
+    conditions, held = split(conditions_from(prompts, pipe), validation)
+    if held and validation not in (None, True):
+        held = conditions_from(held, pipe)
+        shared = sorted({str(c) for c in held} & {str(c) for c in conditions})
+        if shared:
+            logger.warning("diffcache: the validation set shares %d conditions with the calibration set (%s); it is "
+                           "held out by its seeds only", len(shared), ", ".join(shared[:5]))
+    data = CalibrationData(conditions, num_inference_steps, guidance_scale, seed, batch_size, **outputs)
+    # Held-out generations use seeds after every calibration batch's, so no noise is shared.
+    held_data = CalibrationData(held, num_inference_steps, guidance_scale, seed + len(data.batches(pipe)),
+                                batch_size, **outputs) if held else None
     extra, extra_key = _quant_hooks(quant, method, adapter)
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
@@ -112,8 +133,12 @@ def search(
             if cost_model is None:
                 cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
             job = SearchJob(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress,
-                            forecast, extra, extra_key)
-            schedule = run(job, options)
+                            forecast or 0, extra, extra_key)
+            schedule = replace(run(job, options), forecast=forecast or 0)
+            arena = None
+            if presets:
+                forecasts = FORECAST_ORDERS if forecast is None else (forecast,)
+                schedule, arena = best_of(job, replace(schedule, method=method), forecasts, held_data)
     finally:
         if bars is None:
             vars(pipe).pop("_progress_bar_config", None)
@@ -121,12 +146,14 @@ def search(
             pipe._progress_bar_config = bars
     fraction = cost_model.fraction(schedule)
     meta = {
-        **schedule.meta, "budget": str(budget), "predicted_cost": round(fraction, 6),
+        **schedule.meta, "search_method": method, "budget": str(budget), "predicted_cost": round(fraction, 6),
         "predicted_speedup": round(1 / fraction, 4), "search_seconds": round(time.perf_counter() - start, 1),
         "calibration": {"conditions": len(data.conditions), "num_inference_steps": data.steps(pipe),
                         "guidance_scale": guidance_scale, "seed": seed},
-    }
-    result = replace(schedule, method=method, model=adapter.model_info, meta=meta, forecast=forecast)
+    } | ({"arena": arena} if arena is not None else {})
+    # A preset that won keeps its name and parameters (its tag regenerates it at any step count).
+    won = arena is not None and not arena["chosen"].startswith(f"{method} pick")
+    result = replace(schedule, method=schedule.method if won else method, model=adapter.model_info, meta=meta)
     logger.info("diffcache: %s search found a schedule at %.2fx predicted %s speedup (CUR %.1f%%) in %.0f s",
                 method, 1 / fraction, budget.measure, 100 * result.cache_usage_ratio, meta["search_seconds"])
     return result

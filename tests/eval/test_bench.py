@@ -16,7 +16,7 @@ def test_compare_methods_with_a_searched_schedule():
     pipe = build_pipeline("dit")
     pipe.set_progress_bar_config(disable=True)
     searched = diffcache.search(pipe, [207, 360], "dp", "recompute:0.5", num_inference_steps=6, guidance_scale=4.0,
-                                batch_size=2, progress=False)
+                                batch_size=2, progress=False, presets=False)
     rows = compare_methods(pipe, lambda: call_kwargs("dit", num_inference_steps=6), ["fora:interval=2", searched],
                            repeats=1, progress=False, others={"plain again": contextlib.nullcontext})
     assert [r.method for r in rows] == [FULL, "fora:interval=2", "dp recompute:2x", "plain again"]

@@ -9,6 +9,6 @@ from diffcache.eval.demo import run_demo
 def test_demo_with_quantization(tmp_path):
     report = run_demo(tmp_path, per_class=1, repeats=1, progress=False, quant="w8a8")
     for expected in ("**digits-dit**", "**digits-unet**", "| w8a8 |", "| w8a8 + fora:interval=3 |",
-                     "| w8a8 + deepcache:interval=3 |", "dp,forecast=1"):
+                     "| w8a8 + deepcache:interval=3 |", "dp latency:2.5x: "):
         assert expected in report
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "pareto.png").stat().st_size > 0

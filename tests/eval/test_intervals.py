@@ -37,3 +37,20 @@ def test_bad_input():
         bootstrap([1.0, np.inf])
     with pytest.raises(ValueError, match="same items"):
         paired([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_demo_front_check_names_a_dominating_preset():
+    from diffcache.eval.bench import BenchRow
+    from diffcache.eval.demo import front_check
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(40, 3, 50)
+
+    def row(name, speedup, shift):
+        return BenchRow(name, 25, 1.0, 1.0, speedup, speedup, 2.0, 2.0, 2.0, float((base + shift).mean()),
+                        psnr_images=base + shift + rng.normal(0, 0.1, 50))
+
+    searched = row("dp 2x", 2.0, 0.0)
+    assert "on the measured front" in front_check(searched, [row("slower", 1.5, 5.0), row("worse", 2.1, -1.0)])
+    line = front_check(searched, [row("uniform:interval=2", 1.99, 1.0)])  # within 3% as fast, 1 dB better
+    assert "off the measured front: uniform:interval=2" in line and "-1.0" in line

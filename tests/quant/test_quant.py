@@ -230,7 +230,8 @@ def test_search_for_the_quantized_model(dit, calibrations, tmp_path):
     for name, quant in (("float", None), ("w8a8", per_step)):
         found[name] = diffcache.search(dit, LABELS[:4], "ecad", "recompute:0.6", num_inference_steps=STEPS,
                                        guidance_scale=GUIDANCE_SCALE, batch_size=4, quant=quant, progress=False,
-                                       out_dir=tmp_path / name, generations=1, population=8, key_steps=1)
+                                       out_dir=tmp_path / name, generations=1, population=8, key_steps=1,
+                                       presets=False)
         assert found[name].recompute_fraction <= 0.6 + 1e-9
     # The quantized search saw other features and other images: its own calibration, its own ECAD front.
     float_cal, quant_cal = (next((tmp_path / n / "calibration").glob("*.npz")) for n in ("float", "w8a8"))

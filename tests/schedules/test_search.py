@@ -219,7 +219,7 @@ def test_search_result_fits_budget_and_runs_through_accelerate(dit, tmp_path, me
                "router": {"epochs": 2, "lambda_every": 1}}
     schedule = diffcache.search(dit, LABELS, method, "recompute:0.6", num_inference_steps=STEPS,
                                 guidance_scale=4.0, batch_size=2, out_dir=tmp_path, progress=False,
-                                **options.get(method, {}))
+                                presets=False, **options.get(method, {}))  # the method's own pick
     assert schedule.method == method and schedule.num_steps == STEPS
     assert schedule.recompute_fraction <= 0.6 + 1e-9
     assert schedule.meta["predicted_cost"] == pytest.approx(schedule.recompute_fraction, abs=1e-6)
@@ -328,7 +328,7 @@ def test_search_prices_with_a_given_cost_model(dit, tmp_path):
         diffcache.search(dit, LABELS, "dp", "2x", num_inference_steps=STEPS, guidance_scale=4.0, batch_size=2,
                          cost_model=skewed, progress=False, out_dir=tmp_path)
     schedule = diffcache.search(dit, LABELS, "dp", "1.1x", num_inference_steps=STEPS, guidance_scale=4.0,
-                                batch_size=2, cost_model=skewed, progress=False, out_dir=tmp_path)
+                                batch_size=2, cost_model=skewed, progress=False, out_dir=tmp_path, presets=False)
     assert schedule.meta["predicted_speedup"] == pytest.approx(1 / skewed.fraction(schedule), abs=1e-4)
     # Priced by its own profile the same schedule is far cheaper: the search did not profile one.
     assert skewed.fraction(schedule) <= 1 / 1.1 and block.fraction(schedule) < 0.6

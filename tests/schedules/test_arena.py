@@ -1,0 +1,88 @@
+"""The final round of `diffcache.search`: the result is never worse than a preset on the calibration set, and it
+is scored on a held-out set disjoint from it."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import diffcache
+from diffcache.data import CalibrationData
+from diffcache.eval.metrics import psnr
+from diffcache.schedules.arena import split
+from diffcache.testing import build_pipeline
+
+LABELS = [207, 360, 387, 974]
+STEPS = 8
+
+
+def outputs(pipe, data: CalibrationData) -> np.ndarray:
+    return np.concatenate([np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)])
+
+
+@pytest.fixture
+def dit():
+    pipe = build_pipeline("dit")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_search_is_at_least_as_good_as_every_fitting_preset_on_the_calibration_set(dit):
+    budget = 0.6  # recompute fraction
+    schedule = diffcache.search(dit, LABELS, "dp", f"recompute:{budget}", num_inference_steps=STEPS,
+                                guidance_scale=4.0, batch_size=2, validation=False, progress=False)
+    data = CalibrationData(LABELS, STEPS, 4.0, 0, 2)
+    full = outputs(dit, data)
+
+    def quality(plan) -> float:
+        with diffcache.accelerated(dit, plan):
+            return float(np.mean(psnr(outputs(dit, data), full)))
+
+    ours = quality(schedule)
+    assert ours == pytest.approx(schedule.meta["arena"]["calibration_quality"], abs=1e-3)
+    # The presets a user could have picked instead, listed here independently of the search's own list.
+    tried = 0
+    for n in range(2, STEPS):
+        for warmup in (1, 2):
+            for forecast in (0, 1, 2):
+                tag = f"uniform:interval={n},warmup={warmup}" + (f",forecast={forecast}" if forecast else "")
+                plan = diffcache.schedules.presets.from_tag(tag, dit.transformer, STEPS)
+                if plan.recompute_fraction <= budget:
+                    tried += 1
+                    assert ours >= quality(plan) - 1e-6, tag
+    assert tried >= 10
+    assert schedule.recompute_fraction <= budget + 1e-9
+    # Without the final round the method's own pick is returned: at most as good.
+    own = diffcache.search(dit, LABELS, "dp", f"recompute:{budget}", num_inference_steps=STEPS,
+                           guidance_scale=4.0, batch_size=2, presets=False, progress=False)
+    assert own.method == "dp" and "arena" not in own.meta and quality(own) <= ours + 1e-6
+
+
+def test_held_out_set_is_disjoint_and_reported(dit, caplog):
+    labels = list(range(10))
+    calibration, held = split(labels, None)
+    assert calibration == labels[:8] and held == labels[8:] and not set(calibration) & set(held)
+    assert split(labels[:9], None) == (labels[:9], []) and split(labels, False) == (labels, [])
+    with caplog.at_level(logging.WARNING):
+        schedule = diffcache.search(dit, labels, "dp", "recompute:0.6", num_inference_steps=STEPS,
+                                    guidance_scale=4.0, batch_size=4, progress=False)
+    report = schedule.meta["arena"]["held_out"]
+    assert schedule.meta["calibration"]["conditions"] == 8 and report["conditions"] == 2
+    assert report["seed"] == 2  # calibration batches used seeds 0 and 1
+    diff = report["psnr_difference"]
+    assert diff["low"] <= diff["mean"] <= diff["high"]
+    lost = report["chosen_quality"] < report["best_preset_quality"]
+    assert lost == ("loses to the preset" in caplog.text)
+
+
+def test_validation_that_overlaps_calibration_is_flagged(dit, caplog):
+    with caplog.at_level(logging.WARNING):
+        schedule = diffcache.search(dit, LABELS, "dp", "recompute:0.6", num_inference_steps=STEPS,
+                                    guidance_scale=4.0, batch_size=2, validation=[207, 1], progress=False)
+    assert "shares 1 conditions with the calibration set (207)" in caplog.text
+    assert schedule.meta["arena"]["held_out"]["conditions"] == 2
+    with pytest.raises(diffcache.SearchError, match="below the cheapest"):
+        diffcache.search(dit, LABELS, "dp", "50x", num_inference_steps=STEPS, guidance_scale=4.0, batch_size=2,
+                         validation=False, progress=False)
