@@ -2,8 +2,8 @@
 
 For each embedded digits model: search with ``method`` and defaults (final round against the presets, forecast
 measured, two labels held out) on 10 calibration labels at MACs budget 0.5, then generate 50 other images
-(other labels' order, seed 1000) with the searched schedule and with every preset the final round considered
-that the issue names, and report PSNR vs the full model with 95% bootstrap intervals and the paired difference
+(other labels' order, seed 1000) with the searched schedule, with the best preset of its final round (on the
+calibration set) and with the presets the issue names, and report PSNR vs the full model with 95% bootstrap intervals and the paired difference
 (searched - preset). A claim "beats" needs the paired interval above zero.
 
     python scripts/bench_defaults.py                       # both models, dp and ecad, about 10 min on 2 cores
@@ -25,7 +25,8 @@ from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 
 PRESETS = {
     "digits-dit": ["uniform:interval=2", "uniform:interval=2,warmup=2,forecast=1", "fora:interval=2"],
-    "digits-unet": ["deepcache:interval=2", "deepcache:interval=2,branch=-1", "uniform:interval=2"],
+    "digits-unet": ["deepcache:interval=2", "deepcache:interval=2,warmup=2,forecast=1",
+                    "deepcache:interval=2,branch=-1,warmup=2,forecast=1", "uniform:interval=2"],
 }
 OPTIONS = {"dp": {}, "ecad": {"population": 8, "generations": 3}}
 
@@ -39,7 +40,7 @@ def bench(name: str, methods: list[str], budget: float) -> str:
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(50)]
     full = images(pipe, labels)
-    rows, per_image = [], {}
+    rows, per_image, compared = [], {}, {}
     for method in methods:
         start = time.perf_counter()
         schedule = diffcache.search(pipe, list(range(10)), method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
@@ -51,6 +52,14 @@ def bench(name: str, methods: list[str], budget: float) -> str:
             per_image[method] = psnr_per_image(images(pipe, labels), full)
         rows.append((f"{method} (defaults) -> {arena['chosen']}", schedule.recompute_fraction, per_image[method],
                      f"{seconds:.0f} s search"))
+        best = arena["best_preset"]  # the final round's best preset on the calibration set, scored here too
+        label = f"best preset of {method}'s final round: {best['label']}"
+        if best["label"] not in per_image:
+            with diffcache.accelerated(pipe, diffcache.Schedule.from_dict(best["schedule"])):
+                per_image[best["label"]] = psnr_per_image(images(pipe, labels), full)
+            rows.append((label, diffcache.Schedule.from_dict(best["schedule"]).recompute_fraction,
+                         per_image[best["label"]], ""))
+        compared.setdefault(method, []).append(best["label"])
     for tag in PRESETS[name]:
         plan = diffcache.schedules.presets.from_tag(tag, diffcache.adapters.denoiser_of(pipe), NUM_INFERENCE_STEPS)
         with diffcache.accelerated(pipe, plan):
@@ -64,7 +73,7 @@ def bench(name: str, methods: list[str], budget: float) -> str:
                      f"| {note} |")
     lines += ["", "| searched - preset (paired, same images) | PSNR difference dB [95%] | verdict |", "|---|---|---|"]
     for method in methods:
-        for tag in PRESETS[name]:
+        for tag in [*compared.get(method, []), *PRESETS[name]]:
             diff = paired(per_image[method], per_image[tag])
             verdict = "beats" if diff.low > 0 else "loses" if diff.high < 0 else "tie (interval spans 0)"
             lines.append(f"| {method} - {tag} | {diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] | {verdict} |")

@@ -94,6 +94,10 @@ def outputs_of(job: SearchJob, data: CalibrationData, schedule: Schedule | None)
 
 
 def score(job: SearchJob, outputs: np.ndarray, full: np.ndarray, data: CalibrationData) -> float:
+    """The search's quality of ``outputs`` (higher is better). The default PSNR is for images and frames; other
+    outputs (actions, tokens) are scored by minus the calibration data's ``compare`` distance to the full model's."""
+    if job.quality == "psnr" and outputs.ndim != 4:
+        return -float(data.compare(outputs, full))
     fn = job.quality if callable(job.quality) else quality_function(job.quality)
     return float(fn(outputs, full, data.conditions))
 
@@ -116,7 +120,8 @@ def best_of(job: SearchJob, pick: Schedule, forecasts: Sequence[int], validation
         "chosen": best.label, "calibration_quality": round(best.quality, 4), "candidates": len(entries + presets),
         "method_pick_quality": round(max(e.quality for e in entries), 4) if entries else None,
         "best_preset": None if best_preset is None else {"label": best_preset.label,
-                                                         "calibration_quality": round(best_preset.quality, 4)},
+                                                         "calibration_quality": round(best_preset.quality, 4),
+                                                         "schedule": best_preset.schedule.to_dict()},
     }
     if validation is not None and best_preset is not None:
         report["held_out"] = held_out(job, best, best_preset, validation)
