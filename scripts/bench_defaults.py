@@ -22,6 +22,7 @@ import diffcache
 from diffcache.eval.intervals import bootstrap, paired
 from diffcache.eval.metrics import psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
+from diffcache.schedules.budget import CostModel
 
 PRESETS = {
     "digits-dit": ["uniform:interval=2", "uniform:interval=2,warmup=2,forecast=1", "fora:interval=2"],
@@ -39,6 +40,9 @@ def bench(name: str, methods: list[str], budget: float) -> str:
     pipe = load_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(50)]
+    # The MACs fraction of each schedule under a cost model of its granularity, as the searches price them.
+    costs = {g: CostModel.measure_on(pipe, held_out(labels[:10], 1), "macs", g)
+             for g in diffcache.adapters.resolve_adapter(diffcache.adapters.denoiser_of(pipe)).granularities}
     full = images(pipe, labels)
     rows, per_image, compared = [], {}, {}
     for method in methods:
@@ -50,27 +54,28 @@ def bench(name: str, methods: list[str], budget: float) -> str:
         arena = schedule.meta["arena"]
         with diffcache.accelerated(pipe, schedule):
             per_image[method] = psnr_per_image(images(pipe, labels), full)
-        rows.append((f"{method} (defaults) -> {arena['chosen']}", schedule.recompute_fraction, per_image[method],
+        rows.append((f"{method} (defaults) -> {arena['chosen']}", schedule, per_image[method],
                      f"{seconds:.0f} s search"))
         best = arena["best_preset"]  # the final round's best preset on the calibration set, scored here too
         label = f"best preset of {method}'s final round: {best['label']}"
         if best["label"] not in per_image:
             with diffcache.accelerated(pipe, diffcache.Schedule.from_dict(best["schedule"])):
                 per_image[best["label"]] = psnr_per_image(images(pipe, labels), full)
-            rows.append((label, diffcache.Schedule.from_dict(best["schedule"]).recompute_fraction,
-                         per_image[best["label"]], ""))
+            rows.append((label, diffcache.Schedule.from_dict(best["schedule"]), per_image[best["label"]], ""))
         compared.setdefault(method, []).append(best["label"])
     for tag in PRESETS[name]:
         plan = diffcache.schedules.presets.from_tag(tag, diffcache.adapters.denoiser_of(pipe), NUM_INFERENCE_STEPS)
         with diffcache.accelerated(pipe, plan):
             per_image[tag] = psnr_per_image(images(pipe, labels), full)
-        rows.append((tag, plan.recompute_fraction, per_image[tag], ""))
+        rows.append((tag, plan, per_image[tag], ""))
     lines = [f"**{name}** (50 held-out images, seed 1000; search on labels 0-9 at seed 0, MACs budget {budget})", "",
-             "| schedule | recompute fraction | PSNR vs full dB [95%] | note |", "|---|---|---|---|"]
-    for label, fraction, values, note in rows:
+             "| schedule | recompute fraction | MACs fraction | PSNR vs full dB [95%] | note |", "|---|---|---|---|---|"]
+    for label, plan, values, note in rows:
         interval = bootstrap(values)
-        lines.append(f"| {label} | {fraction:.2f} | {interval.mean:.2f} [{interval.low:.2f}, {interval.high:.2f}] "
-                     f"| {note} |")
+        macs = costs[plan.granularity].fraction(plan)
+        fits = "fits" if macs <= budget + 1e-9 else "over budget"
+        lines.append(f"| {label} | {plan.recompute_fraction:.2f} | {macs:.3f} ({fits}) | "
+                     f"{interval.mean:.2f} [{interval.low:.2f}, {interval.high:.2f}] | {note} |")
     lines += ["", "| searched - preset (paired, same images) | PSNR difference dB [95%] | verdict |", "|---|---|---|"]
     for method in methods:
         for tag in [*compared.get(method, []), *PRESETS[name]]:
