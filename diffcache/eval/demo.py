@@ -20,7 +20,7 @@ import torch
 from ..schedules.search import search
 from .bench import FULL, BenchRow, psnr_cell, compare_methods, psnr_difference
 from .metrics import accuracy, fid
-from .plots import image_grid, pareto_plot
+from .plots import front_plot, image_grid
 
 DEMO_SCHEDULES = {
     "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
@@ -64,9 +64,10 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
         report.append(_table(name, rows, scores, len(labels)))
         for r in rows:
             grid[f"{name} {r.method}"] = r.images[:GRID_COLUMNS]
-        pareto[name] = [(r.method, r.speedup, scores[r.method][0]) for r in rows]
+        pareto[name] = [(r.method, r.speedup, r.psnr_db, *_bounds(r), r is rows[-1])
+                        for r in rows if r.method != FULL]
     image_grid(grid, out / "grid.png")
-    pareto_plot(pareto, out / "pareto.png", "FID to real digits (classifier features)")
+    front_plot(pareto, out / "pareto.png")
     report.append(f"wrote {out / 'grid.png'} and {out / 'pareto.png'}")
     return "\n\n".join(report)
 
@@ -100,6 +101,11 @@ def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float
     searched = rows[-1]
     lines += ["", front_check(searched, [r for r in rows[1:-1]])]
     return "\n".join(lines)
+
+
+def _bounds(row: BenchRow) -> tuple[float, float]:
+    interval = row.psnr_interval
+    return (interval.low, interval.high) if interval is not None else (row.psnr_db, row.psnr_db)
 
 
 SPEED_TOLERANCE = 0.03  # measured speedups repeat within about this on the shared 2-core machine

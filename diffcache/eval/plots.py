@@ -63,3 +63,39 @@ def pareto_plot(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def front_plot(
+    models: Mapping[str, Sequence[tuple[str, float, float, float, float, bool]]],
+    path: str | os.PathLike,
+    quality_label: str = "PSNR vs full model (dB)",
+) -> None:
+    """Save one panel per model: quality (with its 95% interval as a bar) against measured speedup.
+
+    Points are numbered and listed beside each panel, so labels never overlap; searched points are stars.
+
+    Args:
+        models: model name -> ``[(method, speedup, quality, low, high, searched), ...]``.
+    """
+    matplotlib = require("matplotlib", "eval", "the front plot")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", "eval", "the front plot")
+
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.6 * len(models)), dpi=120, squeeze=False)
+    for ax, (model, points) in zip(axes[:, 0], models.items()):
+        listing = []
+        for i, (method, speedup, quality, low, high, searched) in enumerate(points, start=1):
+            color = "tab:red" if searched else "tab:blue"
+            ax.errorbar(speedup, quality, yerr=[[quality - low], [high - quality]], fmt="*" if searched else "o",
+                        color=color, markersize=11 if searched else 6, capsize=3)
+            ax.annotate(str(i), (speedup, quality), textcoords="offset points", xytext=(5, 3), fontsize=8,
+                        color=color)
+            listing.append(f"{i}  {method}")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("measured speedup vs full (x)")
+        ax.set_ylabel(quality_label)
+        ax.grid(alpha=0.3)
+        ax.text(1.02, 1.0, "\n".join(listing), transform=ax.transAxes, va="top", fontsize=7, family="monospace")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -54,3 +54,11 @@ def test_demo_front_check_names_a_dominating_preset():
     assert "on the measured front" in front_check(searched, [row("slower", 1.5, 5.0), row("worse", 2.1, -1.0)])
     line = front_check(searched, [row("uniform:interval=2", 1.99, 1.0)])  # within 3% as fast, 1 dB better
     assert "off the measured front: uniform:interval=2" in line and "-1.0" in line
+
+
+def test_front_plot_writes_a_png(tmp_path):
+    from diffcache.eval.plots import front_plot
+
+    points = [("uniform:interval=2", 1.8, 45.6, 44.9, 46.4, False), ("dp 2x", 2.4, 47.6, 46.7, 48.3, True)]
+    front_plot({"digits-dit": points, "digits-unet": points[:1]}, tmp_path / "front.png")
+    assert (tmp_path / "front.png").stat().st_size > 5000
