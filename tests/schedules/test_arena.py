@@ -12,21 +12,11 @@ import diffcache
 from diffcache.data import CalibrationData
 from diffcache.eval.metrics import psnr
 from diffcache.schedules.arena import split
-from diffcache.testing import build_pipeline
+
+from .test_search import images
 
 LABELS = [207, 360, 387, 974]
 STEPS = 8
-
-
-def outputs(pipe, data: CalibrationData) -> np.ndarray:
-    return np.concatenate([np.asarray(pipe(**kwargs).images) for kwargs in data.batches(pipe)])
-
-
-@pytest.fixture
-def dit():
-    pipe = build_pipeline("dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_search_is_at_least_as_good_as_every_fitting_preset_on_the_calibration_set(dit):
@@ -34,11 +24,11 @@ def test_search_is_at_least_as_good_as_every_fitting_preset_on_the_calibration_s
     schedule = diffcache.search(dit, LABELS, "dp", f"recompute:{budget}", num_inference_steps=STEPS,
                                 guidance_scale=4.0, batch_size=2, validation=False, progress=False)
     data = CalibrationData(LABELS, STEPS, 4.0, 0, 2)
-    full = outputs(dit, data)
+    full = images(dit, data)
 
     def quality(plan) -> float:
         with diffcache.accelerated(dit, plan):
-            return float(np.mean(psnr(outputs(dit, data), full)))
+            return float(np.mean(psnr(images(dit, data), full)))
 
     ours = quality(schedule)
     assert ours == pytest.approx(schedule.meta["arena"]["calibration_quality"], abs=1e-3)

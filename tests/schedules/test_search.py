@@ -39,13 +39,6 @@ def images(pipe, d: CalibrationData) -> np.ndarray:
     return np.concatenate([np.asarray(pipe(**kwargs).images) for kwargs in d.batches(pipe)])
 
 
-@pytest.fixture
-def dit():
-    pipe = build_pipeline("dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_calibration_records_every_slot_and_leaves_outputs_alone(dit, tmp_path):
     full = images(dit, data())
     calibration = calibrate(dit, data(), "component", cache_dir=tmp_path, progress=False)
