@@ -476,6 +476,7 @@ def _ecad(job: SearchJob, options: dict[str, Any]) -> Schedule:
         name = job.quality if isinstance(job.quality, str) else "quality"
         _write_front(result.front, job.out, name, job.cost_model.measure)
     chosen = result.pick(job.budget)
+    job.front = list(result.front)
     meta = {"quality": chosen.meta["quality"], "front_size": len(result.front),
             "evaluated": result.history[-1]["evaluated"]}
     params = _config_params(config) | ({"key_steps": 1, "branch": branch} if key_steps else {})

@@ -40,6 +40,8 @@ class SearchJob:
     forecast: int
     extra: list = field(default_factory=list)
     extra_key: str = ""
+    front: list[Schedule] = field(default_factory=list)
+    """Set by methods that end with a front of schedules (ECAD): the final round may pick from it on held-out data."""
 
     def calibration(self) -> Calibration:
         """The feature-drift calibration of this job's model and data (computed once, then read from disk)."""

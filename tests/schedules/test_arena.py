@@ -76,3 +76,12 @@ def test_validation_that_overlaps_calibration_is_flagged(dit, caplog):
     with pytest.raises(diffcache.SearchError, match="below the cheapest"):
         diffcache.search(dit, LABELS, "dp", "50x", num_inference_steps=STEPS, guidance_scale=4.0, batch_size=2,
                          validation=False, progress=False)
+
+
+def test_ecad_picks_from_its_front_by_the_held_out_score(dit):
+    schedule = diffcache.search(dit, LABELS, "ecad", "recompute:0.7", num_inference_steps=STEPS, guidance_scale=4.0,
+                                batch_size=2, validation=[1, 2], generations=1, population=8, key_steps=1,
+                                progress=False)
+    report = schedule.meta["arena"]
+    assert report["method_pick"].startswith("best of ") and report["method_pick"].endswith("on the held-out set")
+    assert report["candidates"] > 3 and "held_out" in report
