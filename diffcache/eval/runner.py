@@ -34,6 +34,7 @@ from ..files import write_atomic
 from ..loading import generation_kwargs, is_class_conditional
 from . import metrics as M
 from .cost import profile_macs
+from .intervals import bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,10 @@ def _summaries(pipe: Any, config: EvalConfig, methods: Sequence[str], rows: list
         row.update(_plan_numbers(pipe, config, method))
         if "psnr" in config.metrics:
             row["psnr"] = round(M.psnr(images[method], images[FULL]), 3)
+            per_image = M.psnr_per_image(images[method], images[FULL])
+            if method != FULL and len(per_image) >= 2:  # 95% bootstrap interval over the images
+                interval = bootstrap(per_image)
+                row["psnr_ci"] = [round(interval.low, 3), round(interval.high, 3)]
         if "ssim" in config.metrics:
             row["ssim"] = round(M.ssim(images[method], images[FULL]), 4)
         if "fid" in config.metrics:

@@ -40,6 +40,7 @@ def test_summaries_compare_with_the_full_model(sd_dir, tmp_path):
     full, cached = summaries
     assert full["method"] == "full" and full["psnr"] == 100.0 and full["ssim"] == pytest.approx(1.0)
     # 4 of 6 steps reuse 12 of the 13 units (branch 0: conv_in's shell runs)
+    assert cached["psnr_ci"][0] <= cached["psnr"] <= cached["psnr_ci"][1] and "psnr_ci" not in full
     assert 20 < cached["psnr"] < 100 and cached["cache_usage_ratio"] == pytest.approx(4 * 12 / (6 * 13), abs=1e-4)
     assert cached["macs_speedup"] > 1.5
     assert len(rows(tmp_path / "r.jsonl", "image")) == 2 * len(PROMPTS)
