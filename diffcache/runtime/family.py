@@ -9,6 +9,7 @@ modules asks which family a model is.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ Hooked = tuple[torch.nn.Module, Any, str]
 """A hook to register: (module, diffusers ``ModelHook``, hook name)."""
 
 
-class FamilyRuntime:
+class FamilyRuntime(ABC):
     """Base class: the hooks a family installs and the decisions it makes for each denoiser call.
 
     Subclasses implement :meth:`hooks`; they may override :meth:`needed` (which slots a plan must keep cached),
@@ -38,9 +39,9 @@ class FamilyRuntime:
         self.executor = executor
         self.adapter = executor.adapter
 
+    @abstractmethod
     def hooks(self, granularity: str) -> list[Hooked]:
         """The follower hooks for ``granularity`` (the executor adds the leader on the denoiser itself)."""
-        raise NotImplementedError
 
     def use_plan(self, plan: Schedule) -> list[list[bool]]:
         """Called once per plan; returns, per (unit, component), whether any step reuses that slot's cache."""

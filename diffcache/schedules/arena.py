@@ -15,7 +15,7 @@ report is then optimistic (the set chose it), so judge ECAD on images neither se
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,13 +95,21 @@ def outputs_of(job: SearchJob, data: CalibrationData, schedule: Schedule | None)
         return np.concatenate([data.generate(job.pipe, kwargs) for kwargs in batches])
 
 
-def score(job: SearchJob, outputs: np.ndarray, full: np.ndarray, data: CalibrationData) -> float:
-    """The search's quality of ``outputs`` (higher is better). The default PSNR is for images and frames; other
-    outputs (actions, tokens) are scored by minus the calibration data's ``compare`` distance to the full model's."""
-    if job.quality == "psnr" and outputs.ndim != 4:
-        return -float(data.compare(outputs, full))
+Judge = Callable[[np.ndarray, np.ndarray, CalibrationData], float]
+
+
+def judge(job: SearchJob) -> Judge:
+    """The search's quality of outputs against the full model's (higher is better), resolved once (a registered
+    objective may load a model). The default PSNR is for images and frames; other outputs (actions, tokens) are
+    scored by minus the calibration data's ``compare`` distance to the full model's."""
     fn = job.quality if callable(job.quality) else quality_function(job.quality)
-    return float(fn(outputs, full, data.conditions))
+
+    def quality(outputs: np.ndarray, full: np.ndarray, data: CalibrationData) -> float:
+        if job.quality == "psnr" and outputs.ndim != 4:
+            return -float(data.compare(outputs, full))
+        return float(fn(outputs, full, data.conditions))
+
+    return quality
 
 
 def best_of(job: SearchJob, pick: Schedule, forecasts: Sequence[int], validation: CalibrationData | None
@@ -109,16 +117,18 @@ def best_of(job: SearchJob, pick: Schedule, forecasts: Sequence[int], validation
     """The best of ``pick`` (at each of ``forecasts``) and every fitting preset on the calibration set, and a
     report (calibration qualities; held-out ones with ``validation``)."""
     steps = pick.num_steps
-    picked_from_front = None
+    score = judge(job)
+    picked_from_front = held_full = None
     if validation is not None:
-        pick, picked_from_front = front_pick(job, pick, validation)
+        held_full = outputs_of(job, validation, None)
+        pick, picked_from_front = front_pick(job, pick, validation, held_full, score)
     entries = [Entry(f"{pick.method} pick" + (f", forecast={f}" if f else ""), replace(pick, forecast=f))
                for f in forecasts]
     entries = [e for e in entries if job.cost_model.fits(e.schedule, job.budget)]
     presets = preset_candidates(job, steps, forecasts)
     full = outputs_of(job, job.data, None)
     for entry in tqdm(entries + presets, desc="search vs presets", disable=not job.progress):
-        entry.quality = score(job, outputs_of(job, job.data, entry.schedule), full, job.data)
+        entry.quality = score(outputs_of(job, job.data, entry.schedule), full, job.data)
     best = max(entries + presets, key=lambda e: e.quality)  # the pick first: it wins ties
     best_preset = max(presets, key=lambda e: e.quality) if presets else None
     report: dict[str, Any] = {
@@ -131,18 +141,19 @@ def best_of(job: SearchJob, pick: Schedule, forecasts: Sequence[int], validation
     if picked_from_front is not None:
         report["method_pick"] = picked_from_front
     if validation is not None and best_preset is not None:
-        report["held_out"] = held_out(job, best, best_preset, validation)
+        report["held_out"] = held_out(job, best, best_preset, validation, held_full, score)
     return best.schedule, report
 
 
-def front_pick(job: SearchJob, pick: Schedule, validation: CalibrationData) -> tuple[Schedule, str | None]:
+def front_pick(job: SearchJob, pick: Schedule, validation: CalibrationData, full: np.ndarray, score: Judge
+               ) -> tuple[Schedule, str | None]:
     """A method that left a front (ECAD) has its pick made there by the held-out score, not the training one:
-    the front's schedules that fit the budget are run on ``validation`` and the best replaces ``pick``."""
+    the front's schedules that fit the budget are run on ``validation`` (``full``: the full model's outputs
+    there) and the best replaces ``pick``."""
     fitting = [s for s in job.front if job.cost_model.fits(s, job.budget)]
     if len(fitting) < 2:
         return pick, None
-    full = outputs_of(job, validation, None)
-    scored = [(score(job, outputs_of(job, validation, s), full, validation), i) for i, s in enumerate(fitting)]
+    scored = [(score(outputs_of(job, validation, s), full, validation), i) for i, s in enumerate(fitting)]
     best_score, best = max(scored)
     chosen = fitting[best]
     meta = {**pick.meta, "quality": chosen.meta.get("quality", pick.meta.get("quality")),
@@ -151,13 +162,14 @@ def front_pick(job: SearchJob, pick: Schedule, validation: CalibrationData) -> t
     return schedule, f"best of {len(fitting)} front schedules on the held-out set"
 
 
-def held_out(job: SearchJob, chosen: Entry, preset: Entry, validation: CalibrationData) -> dict[str, Any]:
-    """Quality of the chosen schedule and of the best preset on other conditions and seeds, and the paired 95%
-    interval of their per-output PSNR difference; warns when the chosen one loses there."""
-    full = outputs_of(job, validation, None)
+def held_out(job: SearchJob, chosen: Entry, preset: Entry, validation: CalibrationData, full: np.ndarray,
+             score: Judge) -> dict[str, Any]:
+    """Quality of the chosen schedule and of the best preset on other conditions and seeds (``full``: the full
+    model's outputs there), and the paired 95% interval of their per-output PSNR difference; warns when the
+    chosen one loses there."""
     ours = outputs_of(job, validation, chosen.schedule)
     theirs = outputs_of(job, validation, preset.schedule)
-    q_ours, q_theirs = score(job, ours, full, validation), score(job, theirs, full, validation)
+    q_ours, q_theirs = score(ours, full, validation), score(theirs, full, validation)
     report: dict[str, Any] = {"conditions": len(validation.conditions), "seed": validation.seed,
                               "chosen_quality": round(q_ours, 4), "best_preset_quality": round(q_theirs, 4)}
     if ours.ndim == 4 and len(ours) >= 2:  # images (or frames): per-output PSNR, capped like the metric

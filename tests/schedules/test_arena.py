@@ -85,3 +85,18 @@ def test_ecad_picks_from_its_front_by_the_held_out_score(dit):
     report = schedule.meta["arena"]
     assert report["method_pick"].startswith("best of ") and report["method_pick"].endswith("on the held-out set")
     assert report["candidates"] > 3 and "held_out" in report
+
+
+def test_a_registered_quality_is_resolved_once_per_final_round(dit):
+    from diffcache.eval.quality import register_quality
+
+    made = []
+
+    @register_quality("test-arena-counted")
+    def _counted():  # a factory may load a model: the final round must not call it per candidate
+        made.append(1)
+        return lambda outputs, full, conditions: -float(np.abs(outputs - full).mean())
+
+    schedule = diffcache.search(dit, LABELS, "dp", "recompute:0.6", num_inference_steps=STEPS, guidance_scale=4.0,
+                                batch_size=2, quality="test-arena-counted", validation=[1, 2], progress=False)
+    assert schedule.meta["arena"]["candidates"] > 5 and len(made) == 1
