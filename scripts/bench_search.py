@@ -1,16 +1,17 @@
-"""Searched schedules vs presets vs diffusers' own caches on the embedded digits models (CPU, one process).
+"""The default search against the field at equal measured speed, on the embedded digits models (issue #18, item 6).
 
-For each model: profile the per-slot latency once on the first calibration batch (one profile per granularity,
-which prices every search and diffusers' TaylorSeer compute pattern alike), search dp / bac / ecad / router (DiT)
-schedules at two latency budgets plus, for the forecasting searches, at each TaylorSeer setting's exact price,
-all on calibration labels (seed 0). Then generate a held-out set (another seed) with every method,
-time the methods side by side with `diffcache.eval.bench.compare_methods` (one warm-up, then alternated runs,
-median), and score quality: Fréchet distance of the digit classifier's features to real held-out digits,
-classifier accuracy, PSNR vs the full model. A second table pairs each baseline with the best-PSNR diffcache
-schedule that runs at least as fast (measured). Search cost is reported per method.
+For each model: set up diffusers' own caches near 1.7x, 2.3x and 3x (TaylorSeer at orders 1 and 2, MagCache
+with its ratios calibrated on this model, FirstBlockCache; FasterCache and cache-dit are reported where they do
+not run), record which steps each one computes in full, and price that compute pattern with the latency profile
+the searches use. Then call ``diffcache.search`` with its defaults (``dp``, and ``ecad``) at exactly each
+baseline's price on 20 calibration labels (seed 0). Everything then generates 100 held-out images (seed 1000),
+timed side by side in one process (`diffcache.eval.bench.compare_methods`: warm-up, alternated rounds, median, one
+thread). For each baseline the table gives both measured speedups and the paired PSNR difference (search -
+baseline, same images) with its 95% bootstrap interval: "beats" needs the interval above zero and the search at
+least as fast within the timing noise.
 
-    python scripts/bench_search.py                      # both models, ~60 min on 2 cores
-    python scripts/bench_search.py --models digits-unet --per-class 5 --repeats 1
+    python scripts/bench_search.py                        # both models, about 45 min on 2 cores
+    python scripts/bench_search.py --models digits-unet --methods dp --per-class 5 --repeats 1
 """
 
 from __future__ import annotations
@@ -23,81 +24,115 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from digits_bench import held_out, run_models  # scripts/digits_bench.py
 
 import diffcache
 from diffcache.adapters import denoiser_of, resolve_adapter
-from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache
+from diffcache.data import CalibrationData, conditions_from
+from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache, mag_ratios
 from diffcache.eval.bench import compare_methods, label
-from diffcache.eval.metrics import accuracy, fid
+from diffcache.eval.intervals import bootstrap, paired
+from diffcache.eval.metrics import accuracy, fid, psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import Budget, CostModel
-from diffcache.data import CalibrationData, conditions_from
-from diffcache.schedules.evolution import taylorseer_key_steps
 from diffcache.schedules.search import default_granularity
 
-PRESETS = {
-    "digits-dit": ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
-                   "uniform:interval=3,warmup=2,forecast=1", "uniform:interval=4,warmup=2,forecast=1"],
-    "digits-unet": ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=4",
-                    "deepcache:interval=3,warmup=2,forecast=1", "deepcache:interval=4,warmup=2,forecast=1"],
-}
-# (method, forecast, options): reuse steps copy the cache (0) or serve its Taylor forecast of order 1 or 2; ECAD over
-# all bits, or over the key steps only (one bit per step, every slot follows: 24 bits here; on the UNet reuse steps
-# reuse DeepCache's branch 0, or with BODY_KEYS the whole body: TaylorSeer's cut)
-KEYS = {"key_steps": 1}
-BODY_KEYS = {"key_steps": 1, "branch": -1}
-SPEED_NOISE = 0.03  # timings repeat within about this on the shared 2-core machine
-BATCH = 10  # calibration batch size
-# The searches that also run at each TaylorSeer setting's exact price (its compute pattern, priced by their cost model)
-MATCHED = [("dp", 1, {}), ("ecad", 1, {}), ("ecad", 1, KEYS), ("ecad", 2, KEYS), ("ecad", 1, BODY_KEYS),
-           ("ecad", 2, BODY_KEYS)]
-SEARCHES = {
-    "digits-dit": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("router", 0, {}), ("dp", 1, {}),
-                   ("ecad", 1, {}), ("ecad", 1, KEYS)],
-    "digits-unet": [("dp", 0, {}), ("bac", 0, {}), ("ecad", 0, {}), ("dp", 1, {}), ("ecad", 1, {}),
-                    ("ecad", 1, BODY_KEYS), ("ecad", 2, BODY_KEYS)],
-}
-# diffusers' hooks with settings that skip about 2x and 3x of the deep blocks at 25 steps (measured by counting
-# calls of the last block); TaylorSeer at its default order 1 and at max_order=2; FasterCache is listed to show why
-# it is missing.
-TAYLORSEER = [("taylorseer", {"cache_interval": n, "disable_cache_before_step": 2} | order)
-              for n in (2, 4) for order in ({}, {"max_order": 2})]
-BASELINES = {
-    "digits-dit": [("first_block_cache", {"threshold": 0.10}), ("first_block_cache", {"threshold": 0.16}),
-                   *TAYLORSEER, ("faster_cache", {})],
-    "digits-unet": [*TAYLORSEER, ("first_block_cache", {"threshold": 0.1}), ("faster_cache", {})],
-}
+STEPS = NUM_INFERENCE_STEPS
+TARGETS = (1.7, 2.3, 3.0)  # speedups the baselines are set up near
+SPEED_NOISE = 0.03  # side-by-side timings repeat within about this on the shared 2-core machine
+BATCH = 10
+LEAF = {"digits-dit": "transformer_blocks.5.ff", "digits-unet": "mid_block.resnets.0"}  # inside a skipped module: runs only on computed steps
+OPTIONS = {"dp": {}, "ecad": {}}
+# TaylorSeer: its interval sets the speed (3 settings x 2 orders); MagCache and FirstBlockCache: the setting of
+# each grid whose compute pattern is nearest each target is kept.
+TAYLORSEER = [{"cache_interval": n, "disable_cache_before_step": 2} | order
+              for n in (2, 3, 4) for order in ({}, {"max_order": 2})]
+MAGCACHE_GRID = [{"threshold": t, "max_skip_steps": k, "retention_ratio": r}
+                 for t in (0.02, 0.06, 0.12, 0.25) for k in (2, 3, 5, 8) for r in (0.1, 0.2)]
+FBCACHE_GRID = [{"threshold": t} for t in (0.05, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(PRESETS))
-    parser.add_argument("--budgets", nargs="+", default=["latency:2x", "latency:3x"])
+    parser.add_argument("--models", nargs="+", default=list(LEAF))
+    parser.add_argument("--methods", nargs="+", default=list(OPTIONS))
     parser.add_argument("--per-class", type=int, default=10, help="held-out images per class (default 10)")
     parser.add_argument("--calibration", type=int, default=20, help="calibration labels (default 20)")
-    parser.add_argument("--generations", type=int, default=10, help="ECAD generations (default 10)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
-    parser.add_argument("--work", default="bench-search", help="folder for calibrations/checkpoints (resumable)")
+    parser.add_argument("--work", default="bench-search", help="folder for the ECAD checkpoints")
     run_models(parser.parse_args(), bench_model)
 
 
-def taylorseer_budgets(adapter, cost_models: dict[str, CostModel], settings: list[dict]) -> dict[str, list[Budget]]:
-    """Per granularity, the latency budgets at diffusers' TaylorSeer settings: its compute pattern (its key steps
-    compute everything, the other steps reuse every slot) priced with the cost model the searches use, so a
-    search gets exactly its cost, without timing noise."""
-    budgets: dict[str, list[Budget]] = {}
-    patterns = dict.fromkeys((p["cache_interval"], p["disable_cache_before_step"]) for p in settings)  # any order
-    for granularity, cost_model in cost_models.items():
-        layout = adapter.layout(granularity)
-        present = layout.present if layout.present is not None else True
-        for interval, warmup in patterns:
-            key = taylorseer_key_steps(NUM_INFERENCE_STEPS, interval, warmup)
-            bits = np.broadcast_to(key[:, None, None] | ~np.asarray(present)[None],
-                                   (NUM_INFERENCE_STEPS, len(layout.units), len(layout.components)))
-            plan = diffcache.Schedule(bits, layout.units, layout.components, "taylorseer", present=layout.present)
-            budgets.setdefault(granularity, []).append(Budget("latency", cost_model.fraction(plan)))
-    return budgets
+@contextlib.contextmanager
+def _counting(pipe, leaf: str):
+    """Which denoiser calls (steps) ran ``leaf``: the steps a cache computed in full."""
+    denoiser = denoiser_of(pipe)
+    calls, computed = [0], set()
+    pre = denoiser.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    post = denoiser.get_submodule(leaf).register_forward_hook(lambda *_: computed.add(calls[0] - 1))
+    try:
+        yield computed
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def compute_pattern(pipe, leaf: str, context: Callable[[], contextlib.AbstractContextManager], labels) -> np.ndarray:
+    """The steps ``context``'s cache computes in full on ``labels`` (the calibration batch, seed 0)."""
+    with context(), _counting(pipe, leaf) as computed:
+        pipe(**held_out(labels, STEPS) | {"generator": torch.Generator("cpu").manual_seed(0)})
+    key = np.zeros(STEPS, bool)
+    key[sorted(computed)] = True
+    return key
+
+
+def price(adapter, cost_model: CostModel, granularity: str, key: np.ndarray) -> float:
+    """Latency fraction of a pattern whose key steps compute every slot and whose other steps reuse them all
+    (FirstBlockCache also runs its first block on those: it is priced slightly low, against the search)."""
+    layout = adapter.layout(granularity)
+    present = layout.present if layout.present is not None else np.ones((len(layout.units), len(layout.components)), bool)
+    bits = key[:, None, None] | ~present[None]
+    bits = np.broadcast_to(bits, (STEPS, *present.shape)).copy()
+    return cost_model.fraction(diffcache.Schedule(bits, layout.units, layout.components, "pattern",
+                                                  present=layout.present))
+
+
+def baselines_for(name: str, pipe, labels) -> tuple[dict[str, Callable], dict[str, np.ndarray], list[str]]:
+    """diffusers' caches set up near each target speed: name -> context factory, name -> compute pattern."""
+    leaf, notes = LEAF[name], []
+    candidates: dict[str, tuple[str, dict]] = {}
+    for params in TAYLORSEER:
+        candidates[_title("taylorseer", params)] = ("taylorseer", params)
+    try:
+        ratios = mag_ratios(pipe, held_out(labels, STEPS) | {"generator": torch.Generator("cpu").manual_seed(0)})
+        grid = {_title("mag_cache", p): ("mag_cache", p | {"mag_ratios": ratios, "num_inference_steps": STEPS})
+                for p in MAGCACHE_GRID}
+        candidates |= _nearest(pipe, leaf, grid, labels)
+    except BaselineUnavailable as err:
+        notes.append(f"- diffusers mag_cache: not applicable ({err})")
+    try:
+        candidates |= _nearest(pipe, leaf, {_title("first_block_cache", p): ("first_block_cache", p)
+                                            for p in FBCACHE_GRID}, labels)
+    except BaselineUnavailable as err:
+        notes.append(f"- diffusers first_block_cache: not applicable ({err})")
+    try:
+        with diffusers_cache(pipe, "faster_cache"):
+            pipe(**held_out(labels[:2], 2))
+        candidates["diffusers faster_cache"] = ("faster_cache", {})
+    except BaselineUnavailable as err:
+        notes.append(f"- diffusers faster_cache: not applicable ({err})")
+    contexts = {t: (lambda b=b, p=p: diffusers_cache(pipe, b, **p)) for t, (b, p) in candidates.items()}
+    patterns = {t: compute_pattern(pipe, leaf, c, labels) for t, c in contexts.items()}
+    return contexts, patterns, notes
+
+
+def _nearest(pipe, leaf: str, grid: dict[str, tuple[str, dict]], labels) -> dict[str, tuple[str, dict]]:
+    """Per target speed, the grid setting whose number of fully computed steps is nearest ``STEPS / target``."""
+    counts = {t: compute_pattern(pipe, leaf, lambda b=b, p=p: diffusers_cache(pipe, b, **p), labels).sum()
+              for t, (b, p) in grid.items()}
+    chosen = {min(counts, key=lambda t: (abs(counts[t] - STEPS / target), t)) for target in TARGETS}
+    return {t: grid[t] for t in sorted(chosen, key=lambda t: -counts[t])}
 
 
 def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
@@ -105,80 +140,68 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(10 * args.per_class)]
     calibration = [i % 10 for i in range(args.calibration)]
-    methods: list[str | diffcache.Schedule] = list(PRESETS[name])
-    notes, search_cost = [], {}
-    baselines: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
-    for baseline, params in BASELINES[name]:
-        title = _title(baseline, params)
-        try:
-            with diffusers_cache(pipe, baseline, **params):
-                pipe(**held_out(labels[:2], 2))
-            baselines[title] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
-        except BaselineUnavailable as err:
-            notes.append(f"- {title}: not applicable ({err})")
-    # One latency profile per granularity, on the searches' first calibration batch, prices every search and
-    # TaylorSeer's pattern alike.
+    contexts, patterns, notes = baselines_for(name, pipe, calibration[:BATCH])
     adapter = resolve_adapter(denoiser_of(pipe))
-    first_batch = CalibrationData(conditions_from(calibration, pipe), NUM_INFERENCE_STEPS, GUIDANCE_SCALE, 0,
-                                  BATCH).batches(pipe)[0]
+    first_batch = CalibrationData(conditions_from(calibration, pipe), STEPS, GUIDANCE_SCALE, 0, BATCH).batches(pipe)[0]
     cost_models = {g: CostModel.measure_on(pipe, first_batch, "latency", g) for g in adapter.granularities}
-    matched = taylorseer_budgets(adapter, cost_models, [p for b, p in BASELINES[name] if b == "taylorseer"])
-    for method, forecast, extra in SEARCHES[name]:
-        granularity = default_granularity(method, adapter, bool(extra.get("key_steps")))
-        for budget in args.budgets + (matched[granularity] if (method, forecast, extra) in MATCHED else []):
-            options = extra | ({"generations": args.generations} if method == "ecad" else {})
-            start = time.perf_counter()
-            schedule = diffcache.search(
-                pipe, calibration, method, budget, num_inference_steps=NUM_INFERENCE_STEPS,
-                guidance_scale=GUIDANCE_SCALE, batch_size=BATCH, forecast=forecast, resume=True, progress=False,
-                granularity=granularity, cost_model=cost_models[granularity],
-                out_dir=Path(args.work) / name / (f"{method}-f{forecast}{'-keys' if extra else ''}"
-                                                  f"{extra.get('branch', '')}"),
-                **options,
-            )
-            search_cost[label(schedule)] = time.perf_counter() - start
-            methods.append(schedule)
-    rows = compare_methods(pipe, lambda: held_out(labels, NUM_INFERENCE_STEPS), methods, args.repeats, progress=False,
-                           others=baselines)
-    lines = [
-        f"**{name}** ({len(labels)} held-out images per method, seed 1000, {NUM_INFERENCE_STEPS} DDIM steps, "
-        f"guidance {GUIDANCE_SCALE}; search on {len(calibration)} labels at seed 0; 1 thread)",
-        "",
-        "| method | measured speedup | CPU-time speedup | MACs speedup | FID (digits) | accuracy | PSNR vs full dB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    scores = {r.method: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for r in rows}
-    for r in sorted(rows, key=lambda r: r.speedup):
-        macs = "n/a" if math.isnan(r.macs_speedup) else f"{r.macs_speedup:.2f}x"  # diffusers' own caches
-        lines.append(f"| {r.method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {macs} | "
-                     f"{scores[r.method][0]:.2f} | {scores[r.method][1]:.1%} | {r.psnr_db:.1f} |")
-    lines += ["", "At equal measured speed: each diffusers cache against the best-PSNR diffcache schedule that runs "
-              f"at least as fast, within {SPEED_NOISE:.0%} (this machine's run-to-run noise) (FID / accuracy / PSNR)",
-              "",
-              "| diffusers cache | speedup | its FID / acc / PSNR | best diffcache at >= its speed | speedup "
-              "| FID / acc / PSNR | PSNR gain |", "|---|---|---|---|---|---|---|"]
-    ours = [r for r in rows if r.method not in baselines and r.method != "full"]
-    for base in (r for r in rows if r.method in baselines):
-        faster = [r for r in ours if r.speedup >= (1 - SPEED_NOISE) * base.speedup]
-        if not faster:
-            lines.append(f"| {base.method} | {base.speedup:.2f}x | | none as fast | | | |")
-            continue
-        best = max(faster, key=lambda r: r.psnr_db)
-        lines.append(f"| {base.method} | {base.speedup:.2f}x | {_quality(scores[base.method], base.psnr_db)} | "
-                     f"{best.method} | {best.speedup:.2f}x | {_quality(scores[best.method], best.psnr_db)} | "
-                     f"{best.psnr_db - base.psnr_db:+.1f} dB |")
-    lines += ["", "Search cost (2 cores shared, 1 torch thread; calibration reused across budgets): "
-              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in search_cost.items()),
-              "(a budget's second search reuses the first's calibration, ECAD front or nothing: router retrains)"]
+    searched: dict[str, dict[str, diffcache.Schedule]] = {}  # baseline -> method -> its search at that price
+    search_cost: dict[str, list[float]] = {}
+    for method in args.methods:
+        granularity = default_granularity(method, adapter, False)
+        prices = {t: price(adapter, cost_models[granularity], granularity, k) for t, k in patterns.items()}
+        done: dict[float, diffcache.Schedule] = {}
+        for title, fraction in sorted(prices.items(), key=lambda kv: -kv[1]):
+            if fraction not in done:  # exact: the baseline's own pattern must fit its budget
+                start = time.perf_counter()
+                done[fraction] = diffcache.search(
+                    pipe, calibration, method, Budget("latency", fraction), num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE_SCALE, batch_size=BATCH, progress=False,
+                    cost_model=cost_models[granularity], out_dir=Path(args.work) / name / method, resume=True,
+                    **OPTIONS[method])
+                search_cost.setdefault(method, []).append(time.perf_counter() - start)
+            searched.setdefault(title, {})[method] = done[fraction]
+    schedules = list({label(s): s for per in searched.values() for s in per.values()}.values())
+    rows = compare_methods(pipe, lambda: held_out(labels, STEPS), schedules, args.repeats, progress=False,
+                           others=contexts)
+    by = {r.method: r for r in rows}
+    full = by["full"].images
+    per_image = {m: np.minimum(psnr_per_image(r.images, full), 100.0) for m, r in by.items()}
+    scores = {m: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for m, r in by.items()}
+    lines = [f"**{name}** ({len(labels)} held-out images per method, seed 1000, {STEPS} DDIM steps, guidance "
+             f"{GUIDANCE_SCALE}; searches on {len(calibration)} labels at seed 0 with their defaults, each at the "
+             f"price of the baseline's compute pattern; 1 thread)", "",
+             "| diffusers cache | its speedup | its PSNR dB [95%] / FID / acc | search (defaults) at its price | "
+             "speedup | PSNR dB [95%] / FID / acc | search - cache, PSNR dB [95%, paired] | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for title in contexts:
+        base = by[title]
+        for method, schedule in searched.get(title, {}).items():
+            ours = by[label(schedule)]
+            diff = paired(per_image[ours.method], per_image[title])
+            fast = ours.speedup >= (1 - SPEED_NOISE) * base.speedup
+            verdict = ("beats" if diff.low > 0 else "loses" if diff.high < 0 else "tie") + (
+                "" if fast else f" (but {ours.speedup / base.speedup - 1:+.0%} speed)")
+            lines.append(f"| {title} | {base.speedup:.2f}x | {_quality(per_image[title], scores[title])} | "
+                         f"{method} -> {schedule.meta.get('arena', {}).get('chosen', label(schedule))} | "
+                         f"{ours.speedup:.2f}x | {_quality(per_image[ours.method], scores[ours.method])} | "
+                         f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] | {verdict} |")
+    macs = {r.method: r.macs_speedup for r in rows}
+    lines += ["", "Search cost (1 torch thread, calibration reused across budgets): " + "; ".join(
+        f"{m}: first budget {c[0] / 60:.1f} CPU-min, each further {np.median(c[1:]) / 60 if len(c) > 1 else math.nan:.1f}"
+        for m, c in search_cost.items()),
+        "MACs speedups of the searched schedules: " + ", ".join(
+            f"{m} {v:.2f}x" for m, v in macs.items() if m in {label(s) for s in schedules})]
     return "\n".join(lines + notes) + "\n"
 
 
 def _title(baseline: str, params: dict) -> str:
-    return f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in params.items())
+    shown = {k: v for k, v in params.items() if k not in ("mag_ratios", "num_inference_steps")}
+    return f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in shown.items())
 
 
-def _quality(score: tuple[float, float], psnr_db: float) -> str:
-    return f"{score[0]:.2f} / {score[1]:.0%} / {psnr_db:.1f} dB"
+def _quality(values: np.ndarray, score: tuple[float, float]) -> str:
+    interval = bootstrap(values)
+    return f"{interval.mean:.1f} [{interval.low:.1f}, {interval.high:.1f}] / {score[0]:.2f} / {score[1]:.0%}"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ resets them between calls, ``apply_*`` has no inverse, and some configurations m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -24,9 +26,11 @@ from diffusers.hooks import (
     FasterCacheConfig,
     FirstBlockCacheConfig,
     HookRegistry,
+    MagCacheConfig,
     TaylorSeerCacheConfig,
     apply_faster_cache,
     apply_first_block_cache,
+    apply_mag_cache,
     apply_taylorseer_cache,
 )
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
@@ -38,7 +42,7 @@ from ..errors import DiffcacheError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-BASELINES: tuple[str, ...] = ("first_block_cache", "taylorseer", "faster_cache")
+BASELINES: tuple[str, ...] = ("first_block_cache", "taylorseer", "faster_cache", "mag_cache")
 CONTEXT_HOOK = "diffcache.baseline_context"
 _CONTEXT_NAME = "cond_uncond"  # both pipelines batch the two CFG branches into one denoiser call
 
@@ -82,19 +86,67 @@ def _block_names(denoiser: torch.nn.Module) -> list[str]:
             for i in range(len(child))]
 
 
-def _first_block_cache(denoiser: torch.nn.Module, params: dict, context: _ContextHook) -> None:
+def _check_blocks(denoiser: torch.nn.Module, name: str) -> None:
+    """Refuse a block-list cache (FirstBlockCache, MagCache) where diffusers would find or read no blocks."""
     blocks = _block_names(denoiser)
-    if len(blocks) < 2:  # diffusers would fail with "IndexError: pop from empty list"
+    if len(blocks) < 2:  # FirstBlockCache fails with "IndexError: pop from empty list", MagCache only warns
         raise BaselineUnavailable(
-            f"first_block_cache needs a top-level ModuleList of at least 2 blocks named one of "
+            f"{name} needs a top-level ModuleList of at least 2 blocks named one of "
             f"{sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)}; {type(denoiser).__name__} has {blocks or 'none'} "
             f"(UNets have no block list). Use taylorseer or diffcache's own methods instead.")
     try:
         for block in blocks:
             TransformerBlockRegistry.get(type(denoiser.get_submodule(block)))
     except ValueError as error:  # diffusers' "Model class ... not registered."
-        raise BaselineUnavailable(f"first_block_cache cannot read this block's outputs: {error}") from error
+        raise BaselineUnavailable(f"{name} cannot read this block's outputs: {error}") from error
+
+
+def _first_block_cache(denoiser: torch.nn.Module, params: dict, context: _ContextHook) -> None:
+    _check_blocks(denoiser, "first_block_cache")
     apply_first_block_cache(denoiser, FirstBlockCacheConfig(**params))
+
+
+def _mag_cache(denoiser: torch.nn.Module, params: dict, context: _ContextHook) -> None:
+    _check_blocks(denoiser, "mag_cache")
+    if params.get("mag_ratios") is None and not params.get("calibrate"):
+        raise ValueError("mag_cache needs this model's mag_ratios (they are checkpoint-dependent): measure them with "
+                         "diffcache.eval.baselines.mag_ratios(pipe, call_kwargs) and pass mag_ratios=...")
+    if "num_inference_steps" not in params:  # diffusers' default of 28 would stretch the ratios silently
+        raise ValueError("mag_cache needs num_inference_steps= (the step count its ratios and retention refer to)")
+    apply_mag_cache(denoiser, MagCacheConfig(**params))
+
+
+def mag_ratios(pipe: DiffusionPipeline, call_kwargs: dict[str, Any]) -> list[float]:
+    """MagCache's calibration on ``pipe``: diffusers' own per-step residual magnitude ratios from one full
+    generation with ``call_kwargs`` (which must hold ``num_inference_steps``); nothing is skipped meanwhile.
+
+    diffusers prints the ratios and logs them; this reads them from its log record and keeps stdout quiet.
+    """
+    steps = call_kwargs["num_inference_steps"]
+    found: list[list[float]] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("MagCache Calibration Results:"):
+                found.append([float(v) for v in message.split(":", 1)[1].strip(" []").split(",")])
+
+    mag_logger = logging.getLogger("diffusers.hooks.mag_cache")
+    handler, level, propagate = _Catch(), mag_logger.level, mag_logger.propagate
+    mag_logger.addHandler(handler)
+    mag_logger.setLevel(logging.INFO)
+    mag_logger.propagate = False  # diffusers' own handler would echo every INFO line of the hook
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), \
+                diffusers_cache(pipe, "mag_cache", calibrate=True, num_inference_steps=steps):
+            pipe(**call_kwargs)
+    finally:
+        mag_logger.removeHandler(handler)
+        mag_logger.setLevel(level)
+        mag_logger.propagate = propagate
+    if len(found) != 1 or len(found[0]) != steps:
+        raise BaselineUnavailable(f"mag_cache calibration gave no ratios for {steps} steps (got {found})")
+    return found[0]
 
 
 def _taylorseer_plan(denoiser: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -146,7 +198,8 @@ def _faster_cache(denoiser: torch.nn.Module, params: dict, context: _ContextHook
 
 
 _APPLY: dict[str, Callable[[torch.nn.Module, dict, _ContextHook], None]] = {
-    "first_block_cache": _first_block_cache, "taylorseer": _taylorseer, "faster_cache": _faster_cache}
+    "first_block_cache": _first_block_cache, "taylorseer": _taylorseer, "faster_cache": _faster_cache,
+    "mag_cache": _mag_cache}
 
 
 def _hooks(denoiser: torch.nn.Module) -> dict[torch.nn.Module, tuple[str, ...]]:

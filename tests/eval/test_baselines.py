@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from diffcache.eval.baselines import BASELINES, BaselineUnavailable, diffusers_cache
+from diffcache.eval.baselines import BASELINES, BaselineUnavailable, diffusers_cache, mag_ratios
 from diffcache.models import load_pipeline
 
 from ..conftest import psnr
@@ -106,6 +106,7 @@ def test_repeat_calls_and_new_step_count_are_fresh(model, name, params, leaf):
     ("digits-unet", "first_block_cache", "needs a top-level ModuleList.*UNet2DModel has none"),
     ("digits-dit", "faster_cache", "class-conditional.*class_labels"),
     ("digits-unet", "faster_cache", "class-conditional.*class_labels"),
+    ("digits-unet", "mag_cache", "mag_cache needs a top-level ModuleList.*UNet2DModel has none"),
 ])
 def test_inapplicable_baseline_is_refused_before_running(model, name, match):
     pipe = pipeline(model)
@@ -146,7 +147,7 @@ def test_taylorseer_without_warmup_is_refused():
 
 def test_unknown_name_lists_baselines():
     with pytest.raises(ValueError, match=", ".join(BASELINES)):
-        with diffusers_cache(pipeline("digits-dit"), "mag_cache"):
+        with diffusers_cache(pipeline("digits-dit"), "teacache"):
             pass
 
 
@@ -177,3 +178,37 @@ def test_diffcache_reproduces_taylorseer_at_its_key_steps(model, order):
         assert np.array_equal(ours, theirs)
     else:  # TaylorSeer forecasts the last block's output, diffcache each block's residual on the fresh input
         assert 35 < psnr(ours, theirs) < 80
+
+
+def test_mag_cache_calibrates_on_the_model_then_skips_steps_and_leaves_no_trace(capsys):
+    pipe = pipeline("digits-dit")
+    denoiser = pipe.transformer
+    before = hook_state(denoiser)
+    kwargs = {"class_labels": [1, 2], "num_inference_steps": STEPS, "guidance_scale": 2.0, "output_type": "np"}
+    ratios = mag_ratios(pipe, kwargs | {"generator": torch.Generator().manual_seed(0)})
+    assert len(ratios) == STEPS and ratios[0] == 1.0 and all(0.5 < r < 2.0 for r in ratios)
+    assert capsys.readouterr().out == ""  # diffusers prints the ratios; diffcache reads its log record instead
+    assert hook_state(denoiser) == before  # calibration skipped nothing and left nothing behind
+    with counting(pipe, "transformer_blocks.5.ff") as calls:
+        full = generate(pipe)
+        calls[0] = 0
+        with diffusers_cache(pipe, "mag_cache", mag_ratios=ratios, num_inference_steps=STEPS, threshold=0.25,
+                             max_skip_steps=3, retention_ratio=0.2):
+            first, second = generate(pipe), generate(pipe)
+    assert 0 < calls[0] / 2 <= 0.8 * STEPS, f"mag_cache ran the last block {calls[0] / 2} of {STEPS} steps"
+    assert np.array_equal(first, second) and not np.array_equal(first, full)
+    assert psnr(first, full) > 25.0
+    assert hook_state(denoiser) == before
+    assert np.array_equal(generate(pipe), full)
+
+
+@pytest.mark.parametrize(("params", "match"), [
+    ({"num_inference_steps": STEPS}, "needs this model's mag_ratios"),
+    ({"mag_ratios": [1.0] * STEPS}, "needs num_inference_steps"),
+])
+def test_mag_cache_without_its_ratios_or_step_count_is_refused(params, match):
+    pipe = pipeline("digits-dit")
+    before = hook_state(pipe.transformer)
+    with pytest.raises(ValueError, match=match), diffusers_cache(pipe, "mag_cache", **params):
+        pytest.fail("the with-block must not be entered")
+    assert hook_state(pipe.transformer) == before
