@@ -12,13 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffcacheError, PipelineNotFoundError
+from .errors import ConditionError, DiffcacheError, PipelineNotFoundError
 from .eval.metrics import METRIC_NAMES
 from . import models  # noqa: F401  (registers the digits classifier's quality objectives)
 from .eval.quality import quality_names
 from .schedule import FORECAST_ORDERS
 from .schedules.methods import search_methods
 from .schedules.search import search as _search_fn  # noqa: F401  (registers the built-in search methods)
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1 (the value the user gave is reported otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -44,9 +55,12 @@ def _load(args: argparse.Namespace) -> Any:
     from .loading import load_any_pipeline
 
     try:
-        return load_any_pipeline(args.pipeline)
+        pipe = load_any_pipeline(args.pipeline)
     except PipelineNotFoundError as err:
         args.parser.error(str(err))
+    if args.quiet and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,9 +75,12 @@ def _run(args: argparse.Namespace) -> int:
     conditional = is_class_conditional(pipe)
     if conditional == (args.class_label is None):
         args.parser.error(f"{type(pipe).__name__} takes {'--class-label' if conditional else '--prompt'}")
-    accelerate(pipe, args.schedule, quant=args.quant, keep_float_weights=False)  # one image, nothing to restore
     condition = args.class_label if conditional else args.prompt
-    kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
+    try:  # checked before the model is touched
+        kwargs = generation_kwargs(pipe, condition, args.seed, args.steps, args.guidance)
+    except ConditionError as err:
+        args.parser.error(str(err))
+    accelerate(pipe, args.schedule, quant=args.quant, keep_float_weights=False)  # one image, nothing to restore
     Image.fromarray(to_uint8(generate(pipe, kwargs)[0])).save(args.out)
     print(summary(pipe))  # with --quant, its last line says which layers run int8 and which are simulated
     print(f"wrote {args.out}")
@@ -193,16 +210,32 @@ def format_summaries(rows: list[dict[str, Any]]) -> str:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from .schedule import Schedule
+    import os
 
-    schedule = Schedule.load(args.schedule)
+    from .schedule import Schedule
+    from .schedules.presets import build_from_tag, is_preset, parse_tag
+
+    if not os.path.exists(args.schedule) and ":" in args.schedule or is_preset(args.schedule):
+        try:
+            parse_tag(args.schedule)
+        except DiffcacheError as err:
+            args.parser.error(str(err))
+        if not args.pipeline:  # a tag's units and bits depend on the model and the step count
+            args.parser.error(f"{args.schedule!r} is a preset tag: pass --pipeline (and --steps) to lay it out")
+        from .adapters import denoiser_of, resolve_adapter
+
+        pipe = _load(args)
+        steps = args.steps or 50
+        schedule = build_from_tag(args.schedule, resolve_adapter(denoiser_of(pipe)), steps)
+    else:
+        pipe, schedule = None, Schedule.load(args.schedule)
     data = schedule.to_dict()
     print(repr(schedule))
     if schedule.model:
         print(f"model: {schedule.model['class']} (config {schedule.model['fingerprint']})")
     print(f"units ({len(schedule.units)}): {', '.join(schedule.units)}")
     print(f"components: {', '.join(schedule.components)}")
-    macs = _schedule_macs(args, schedule) if args.pipeline else None
+    macs = _schedule_macs(args, schedule, pipe) if args.pipeline else None
     if macs is not None:
         speedup = macs[0] * len(macs[1]) / macs[1].sum()
         print(f"MACs per denoiser call: full {macs[0]:.3g}; theoretical speedup {speedup:.2f}x")
@@ -214,13 +247,13 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule_macs(args: argparse.Namespace, schedule: Any) -> tuple[float, Any]:
+def _schedule_macs(args: argparse.Namespace, schedule: Any, pipe: Any = None) -> tuple[float, Any]:
     """Full MACs per denoiser call and the schedule's MACs per step, measured on ``args.pipeline``."""
     from .adapters import denoiser_of, resolve_adapter
     from .eval.cost import profile_macs
     from .loading import generation_kwargs, is_class_conditional
 
-    pipe = _load(args)
+    pipe = pipe if pipe is not None else _load(args)
     pipe.set_progress_bar_config(disable=True)
     resolve_adapter(denoiser_of(pipe)).check_schedule(schedule)
     condition = 0 if is_class_conditional(pipe) else "a photo"
@@ -248,9 +281,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: diffcache demo --out demo-out",
     )
     demo.add_argument("--out", default="demo-out", help="folder for grid.png and pareto.png (default demo-out)")
-    demo.add_argument("--per-class", type=int, default=10, help="images per digit class and method (default 10)")
-    demo.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
-    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
+    demo.add_argument("--per-class", type=_count, default=10, help="images per digit class and method (default 10)")
+    demo.add_argument("--repeats", type=_count, default=2, help="timed runs per method (default 2)")
+    demo.add_argument("--threads", type=_count, default=1, help="torch threads (default 1: stable timings)")
     demo.add_argument("--quant", default=None, help="also run the models quantized with this preset (e.g. w8a8)")
     demo.set_defaults(handler=_demo, parser=demo)
 
@@ -283,8 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--config", default="w8a8", help="w8a8 (default) or w4a8")
     quantize.add_argument("--schedule", default=None, help="calibrate on this schedule's cached trajectory")
     quantize.add_argument("--out", required=True, help="calibration .npz to write")
-    quantize.add_argument("--batch-size", type=int, default=8, help="images per call (default 8)")
-    quantize.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    quantize.add_argument("--batch-size", type=_count, default=8, help="images per call (default 8)")
+    quantize.add_argument("--limit", type=_count, default=None, help="use only the first N prompts")
     quantize.set_defaults(handler=_quantize, parser=quantize)
 
     evaluate = commands.add_parser(
@@ -302,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", required=True, help="file with one prompt (or class id / label) per line")
     evaluate.add_argument("--metrics", default="psnr,ssim", help=f"comma list from {','.join(METRIC_NAMES)}")
     evaluate.add_argument("--out", required=True, type=Path, help="results JSONL (images go beside it)")
-    evaluate.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    evaluate.add_argument("--limit", type=_count, default=None, help="use only the first N prompts")
     evaluate.add_argument("--fid-features", choices=["inception", "digits"], default=None,
                           help="FID feature extractor (default: digits for digits-* pipelines, else inception)")
     evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
@@ -332,8 +365,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: component for bac/ecad/router on transformers, else block")
     search.add_argument("--quality", choices=quality_names(), default="psnr",
                         help="ECAD quality objective (accuracy/fid: digits models only; default psnr vs full)")
-    search.add_argument("--batch-size", type=int, default=16, help="calibration images per call (default 16)")
-    search.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    search.add_argument("--batch-size", type=_count, default=16, help="calibration images per call (default 16)")
+    search.add_argument("--limit", type=_count, default=None, help="use only the first N prompts")
     search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
     search.add_argument("--forecast", type=int, choices=list(FORECAST_ORDERS), default=None,
                         help="fix what reuse steps serve: 0 a copy of the cache, 1 or 2 its Taylor forecast of that "
@@ -347,19 +380,24 @@ def _parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser(
         "summary",
-        help="describe a schedule JSON file",
-        description="Prints a schedule's method, model, units and per-step recompute bits.",
-        epilog="Example: diffcache summary schedule.json --pipeline digits-dit",
+        help="describe a schedule JSON file or a preset tag",
+        description="Prints a schedule's method, model, units and per-step recompute bits (a preset tag is laid "
+        "out on --pipeline for --steps).",
+        epilog="Example: diffcache summary schedule.json --pipeline digits-dit; "
+        "diffcache summary deepcache:interval=3 --pipeline digits-unet --steps 25",
     )
-    summary.add_argument("schedule", help="path to a schedule JSON file")
+    summary.add_argument("schedule", help="path to a schedule JSON file, or a preset tag (needs --pipeline)")
     summary.add_argument("--pipeline", default=None, help="also print MACs per step, measured on this pipeline")
+    summary.add_argument("--steps", type=_count, default=None, help="steps to lay a preset tag out for (default 50)")
     summary.set_defaults(handler=_summary, parser=summary)
     return parser
 
 
 def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_count, default=None,
+                        help="torch threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--pipeline", required=True, help="digits-dit, digits-unet, a local directory or a hub id")
-    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
+    parser.add_argument("--steps", type=_count, default=None, help="num_inference_steps (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
 
@@ -380,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers_logging.set_verbosity_error()
     handler: Callable[[argparse.Namespace], int] = args.handler
+    if getattr(args, "threads", None) and args.command != "demo":  # the demo pins its own
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quiet:  # -q: no progress bars, diffusers' included
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     try:
         return handler(args)
     except (DiffcacheError, FileNotFoundError) as err:

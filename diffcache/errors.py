@@ -31,6 +31,10 @@ class PipelineNotFoundError(DiffcacheError, ValueError):
     """A pipeline name is neither a built-in model, a local directory nor a reachable hub id."""
 
 
+class ConditionError(DiffcacheError, ValueError):
+    """A prompt or class label the pipeline cannot take (e.g. a class id outside the model's classes)."""
+
+
 class SearchError(DiffcacheError, ValueError):
     """A schedule search cannot run as asked: bad budget, unknown method, a budget no schedule meets, or a
     checkpoint/calibration made for another model or setting."""

@@ -30,7 +30,8 @@ from digits_bench import held_out, run_models  # scripts/digits_bench.py
 import diffcache
 from diffcache.adapters import denoiser_of, resolve_adapter
 from diffcache.data import CalibrationData, conditions_from
-from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache, mag_ratios
+from diffcache.errors import MissingExtraError
+from diffcache.eval.baselines import BaselineUnavailable, cache_dit_cache, diffusers_cache, mag_ratios
 from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.intervals import bootstrap, paired
 from diffcache.eval.metrics import accuracy, fid, psnr_per_image
@@ -51,6 +52,10 @@ TAYLORSEER = [{"cache_interval": n, "disable_cache_before_step": 2} | order
 MAGCACHE_GRID = [{"threshold": t, "max_skip_steps": k, "retention_ratio": r}
                  for t in (0.02, 0.06, 0.12, 0.25) for k in (2, 3, 5, 8) for r in (0.1, 0.2)]
 FBCACHE_GRID = [{"threshold": t} for t in (0.05, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4)]
+# cache-dit's DBCache (Fn=1 first block always computed, Bn=0), plain and with its TaylorSeer calibrator
+CACHE_DIT_GRID = [{"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": t, "max_warmup_steps": w}
+                  for t in (0.08, 0.12, 0.16, 0.2, 0.3, 0.4) for w in (2, 4, 8)]
+FAMILIES = ("taylorseer", "mag_cache", "first_block_cache", "faster_cache", "cache_dit")
 
 
 def main() -> None:
@@ -60,6 +65,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10, help="held-out images per class (default 10)")
     parser.add_argument("--calibration", type=int, default=20, help="calibration labels (default 20)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (default 2)")
+    parser.add_argument("--baselines", nargs="+", default=list(FAMILIES), choices=FAMILIES,
+                        help="which baseline families to set up (default all)")
     parser.add_argument("--work", default="bench-search", help="folder for the ECAD checkpoints")
     run_models(parser.parse_args(), bench_model)
 
@@ -98,38 +105,55 @@ def price(adapter, cost_model: CostModel, granularity: str, key: np.ndarray) -> 
                                                   present=layout.present))
 
 
-def baselines_for(name: str, pipe, labels) -> tuple[dict[str, Callable], dict[str, np.ndarray], list[str]]:
-    """diffusers' caches set up near each target speed: name -> context factory, name -> compute pattern."""
+def baselines_for(name: str, pipe, labels, families) -> tuple[dict[str, Callable], dict[str, np.ndarray], list[str]]:
+    """diffusers' and cache-dit's caches set up near each target speed: name -> context factory, name -> compute
+    pattern; and a note for each family that does not run on this pipeline."""
     leaf, notes = LEAF[name], []
-    candidates: dict[str, tuple[str, dict]] = {}
-    for params in TAYLORSEER:
-        candidates[_title("taylorseer", params)] = ("taylorseer", params)
-    try:
+    candidates = {_title("taylorseer", p): ("taylorseer", p) for p in TAYLORSEER} if "taylorseer" in families else {}
+
+    def mag_cache() -> dict[str, tuple[str, dict]]:
         ratios = mag_ratios(pipe, held_out(labels, STEPS) | {"generator": torch.Generator("cpu").manual_seed(0)})
         grid = {_title("mag_cache", p): ("mag_cache", p | {"mag_ratios": ratios, "num_inference_steps": STEPS})
                 for p in MAGCACHE_GRID}
-        candidates |= _nearest(pipe, leaf, grid, labels)
-    except BaselineUnavailable as err:
-        notes.append(f"- diffusers mag_cache: not applicable ({err})")
-    try:
-        candidates |= _nearest(pipe, leaf, {_title("first_block_cache", p): ("first_block_cache", p)
-                                            for p in FBCACHE_GRID}, labels)
-    except BaselineUnavailable as err:
-        notes.append(f"- diffusers first_block_cache: not applicable ({err})")
-    try:
+        return _nearest(pipe, leaf, grid, labels)
+
+    def first_block_cache() -> dict[str, tuple[str, dict]]:
+        return _nearest(pipe, leaf, {_title("first_block_cache", p): ("first_block_cache", p)
+                                     for p in FBCACHE_GRID}, labels)
+
+    def faster_cache() -> dict[str, tuple[str, dict]]:
         with diffusers_cache(pipe, "faster_cache"):
             pipe(**held_out(labels[:2], 2))
-        candidates["diffusers faster_cache"] = ("faster_cache", {})
-    except BaselineUnavailable as err:
-        notes.append(f"- diffusers faster_cache: not applicable ({err})")
-    contexts = {t: (lambda b=b, p=p: diffusers_cache(pipe, b, **p)) for t, (b, p) in candidates.items()}
+        return {"diffusers faster_cache": ("faster_cache", {})}
+
+    def cache_dit() -> dict[str, tuple[str, dict]]:
+        chosen = {}
+        for order in (0, 1):  # plain DBCache, and with its TaylorSeer calibrator
+            grid = {_title("cache_dit", p | {"taylorseer_order": order}): ("cache_dit", p | {"taylorseer_order": order})
+                    for p in CACHE_DIT_GRID}
+            chosen |= _nearest(pipe, leaf, grid, labels)
+        return chosen
+
+    builders = {"mag_cache": mag_cache, "first_block_cache": first_block_cache, "faster_cache": faster_cache,
+                "cache_dit": cache_dit}
+    for family, build in builders.items():
+        if family in families:
+            try:
+                candidates |= build()
+            except (BaselineUnavailable, MissingExtraError) as err:
+                notes.append(f"- {family}: not applicable ({err})")
+    contexts = {t: (lambda b=b, p=p: _context(pipe, b, p)) for t, (b, p) in candidates.items()}
     patterns = {t: compute_pattern(pipe, leaf, c, labels) for t, c in contexts.items()}
     return contexts, patterns, notes
 
 
+def _context(pipe, baseline: str, params: dict) -> contextlib.AbstractContextManager:
+    return cache_dit_cache(pipe, **params) if baseline == "cache_dit" else diffusers_cache(pipe, baseline, **params)
+
+
 def _nearest(pipe, leaf: str, grid: dict[str, tuple[str, dict]], labels) -> dict[str, tuple[str, dict]]:
     """Per target speed, the grid setting whose number of fully computed steps is nearest ``STEPS / target``."""
-    counts = {t: compute_pattern(pipe, leaf, lambda b=b, p=p: diffusers_cache(pipe, b, **p), labels).sum()
+    counts = {t: compute_pattern(pipe, leaf, lambda b=b, p=p: _context(pipe, b, p), labels).sum()
               for t, (b, p) in grid.items()}
     chosen = {min(counts, key=lambda t: (abs(counts[t] - STEPS / target), t)) for target in TARGETS}
     return {t: grid[t] for t in sorted(chosen, key=lambda t: -counts[t])}
@@ -140,7 +164,7 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(10 * args.per_class)]
     calibration = [i % 10 for i in range(args.calibration)]
-    contexts, patterns, notes = baselines_for(name, pipe, calibration[:BATCH])
+    contexts, patterns, notes = baselines_for(name, pipe, calibration[:BATCH], args.baselines)
     adapter = resolve_adapter(denoiser_of(pipe))
     first_batch = CalibrationData(conditions_from(calibration, pipe), STEPS, GUIDANCE_SCALE, 0, BATCH).batches(pipe)[0]
     cost_models = {g: CostModel.measure_on(pipe, first_batch, "latency", g) for g in adapter.granularities}
@@ -170,7 +194,7 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     lines = [f"**{name}** ({len(labels)} held-out images per method, seed 1000, {STEPS} DDIM steps, guidance "
              f"{GUIDANCE_SCALE}; searches on {len(calibration)} labels at seed 0 with their defaults, each at the "
              f"price of the baseline's compute pattern; 1 thread)", "",
-             "| diffusers cache | its speedup | its PSNR dB [95%] / FID / acc | search (defaults) at its price | "
+             "| cache (diffusers / cache-dit) | its speedup | its PSNR dB [95%] / FID / acc | search (defaults) at its price | "
              "speedup | PSNR dB [95%] / FID / acc | search - cache, PSNR dB [95%, paired] | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for title in contexts:
@@ -194,9 +218,14 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+SHORT = {"Fn_compute_blocks": "Fn", "Bn_compute_blocks": "Bn", "residual_diff_threshold": "threshold",
+         "max_warmup_steps": "warmup", "taylorseer_order": "taylorseer"}
+
+
 def _title(baseline: str, params: dict) -> str:
-    shown = {k: v for k, v in params.items() if k not in ("mag_ratios", "num_inference_steps")}
-    return f"diffusers {baseline} " + ",".join(f"{k}={v}" for k, v in shown.items())
+    shown = {SHORT.get(k, k): v for k, v in params.items() if k not in ("mag_ratios", "num_inference_steps")}
+    owner = "cache-dit DBCache" if baseline == "cache_dit" else f"diffusers {baseline}"
+    return f"{owner} " + ",".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _quality(values: np.ndarray, score: tuple[float, float]) -> str:

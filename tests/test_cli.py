@@ -78,3 +78,46 @@ def test_quantize_then_run_quantized(tmp_path, capsys):
         main(["quantize", "--pipeline", str(tmp_path / "dit"), "--prompts", str(tmp_path / "none.txt"),
               "--out", str(calibration)])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--pipeline", "./no-such-model", "--class-label", "1"], "no pipeline directory at './no-such-model'"),
+    (["run", "--pipeline", "EMPTY", "--class-label", "1"], "is a directory but not a saved diffusers pipeline"),
+    (["run", "--pipeline", "digits-dit", "--steps", "0", "--class-label", "1"], "--steps: must be >= 1, got 0"),
+    (["run", "--pipeline", "digits-dit", "--steps", "-3", "--class-label", "1"], "--steps: must be >= 1, got -3"),
+    (["run", "--pipeline", "digits-dit", "--class-label", "-1"], "class label -1 is outside DiTPipeline's classes 0-9"),
+    (["run", "--pipeline", "digits-dit", "--class-label", "12"], "class label 12 is outside DiTPipeline's classes 0-9"),
+    (["run", "--pipeline", "digits-dit", "--class-label", "1000"], "class label 1000 is outside"),  # DiT's null class
+    (["run", "--pipeline", "digits-unet", "--class-label", "12"], "class label 12 is outside DigitsUNetPipeline's"),
+    (["summary", "deepcache:interval=3"], "is a preset tag: pass --pipeline"),
+    (["demo", "--threads", "0"], "--threads: must be >= 1, got 0"),
+])
+def test_user_mistakes_are_one_line_usage_errors_that_write_nothing(tmp_path, capsys, monkeypatch, argv, message):
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *(["--out", "x.png"] if argv[0] == "run" else [])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["EMPTY"]  # no image, no demo folder
+
+
+def test_summary_of_a_preset_tag_lays_it_out_on_the_pipeline(capsys):
+    assert main(["summary", "deepcache:interval=3", "--pipeline", "digits-unet", "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    bits = [line.split()[1:8] for line in out.splitlines() if line.endswith("MACs")]
+    assert len(bits) == 6 and bits[0] == ["1"] * 7 and bits[1] == ["1"] + ["0"] * 6 and bits[3] == ["1"] * 7
+
+
+def test_class_labels_are_checked_in_the_python_api_too():
+    from diffcache.data import conditions_from
+    from diffcache.errors import ConditionError
+    from diffcache.loading import generation_kwargs
+    from diffcache.models import load_pipeline
+
+    pipe = load_pipeline("digits-dit")
+    with pytest.raises(ConditionError, match="class label 12 is outside DiTPipeline's classes 0-9"):
+        conditions_from([1, 12], pipe)
+    with pytest.raises(ConditionError, match="class label -1"):
+        generation_kwargs(pipe, [-1], 0, 5, None)
+    assert conditions_from(["7", 3], pipe) == [7, 3]

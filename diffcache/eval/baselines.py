@@ -202,6 +202,49 @@ _APPLY: dict[str, Callable[[torch.nn.Module, dict, _ContextHook], None]] = {
     "mag_cache": _mag_cache}
 
 
+@contextmanager
+def cache_dit_cache(pipe: DiffusionPipeline, taylorseer_order: int = 0, **params: Any) -> Iterator[DiffusionPipeline]:
+    """cache-dit's DBCache (``pip install "diffcache[baselines]"``) on ``pipe`` for the duration of the with-block.
+
+    ``params`` are ``cache_dit.DBCacheConfig`` fields (``Fn_compute_blocks``, ``Bn_compute_blocks``,
+    ``residual_diff_threshold``, ``max_warmup_steps``, ...); ``taylorseer_order`` > 0 adds its TaylorSeer
+    calibrator. cache-dit resets its state at every pipeline call. On exit its cache is disabled and what its
+    DiT adapter leaves behind (a patched ``forward``, a ``_norm1_emb`` alias that adds state-dict keys) is removed,
+    so the pipeline computes bit-identically to before.
+
+    Raises:
+        MissingExtraError: cache-dit is not installed.
+        BaselineUnavailable: cache-dit does not support this pipeline (e.g. UNets), checked before the block.
+    """
+    from ..optional import require
+
+    cache_dit = require("cache_dit", "baselines", "the cache-dit baseline")
+    denoiser = denoiser_of(pipe)
+    attributes = {name: name in denoiser.__dict__ or name in denoiser._modules
+                  for name in ("forward", "_norm1_emb", "_is_patched")}
+    handler = getattr(cache_dit.logger, "_default_handler", None)  # it logs to stdout at INFO
+    level = handler.level if handler is not None else None
+    if handler is not None:
+        handler.setLevel(logging.ERROR)
+    calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+    call = type(pipe).__call__
+    try:
+        try:
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**params), calibrator_config=calibrator)
+        except (ValueError, RuntimeError, AttributeError) as error:
+            raise BaselineUnavailable(f"cache-dit does not run on {type(pipe).__name__}: {error}") from error
+        yield pipe
+    finally:
+        with contextlib.suppress(Exception):
+            cache_dit.disable_cache(pipe)
+        type(pipe).__call__ = call  # a failed enable can leave the class's __call__ wrapped
+        for name, existed in attributes.items():
+            if not existed and (name in denoiser.__dict__ or name in denoiser._modules):
+                delattr(denoiser, name)
+        if handler is not None:
+            handler.setLevel(level)
+
+
 def _hooks(denoiser: torch.nn.Module) -> dict[torch.nn.Module, tuple[str, ...]]:
     return {m: tuple(m._diffusers_hook._hook_order) for m in denoiser.modules() if hasattr(m, "_diffusers_hook")}
 

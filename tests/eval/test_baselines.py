@@ -212,3 +212,34 @@ def test_mag_cache_without_its_ratios_or_step_count_is_refused(params, match):
     with pytest.raises(ValueError, match=match), diffusers_cache(pipe, "mag_cache", **params):
         pytest.fail("the with-block must not be entered")
     assert hook_state(pipe.transformer) == before
+
+
+def test_cache_dit_dbcache_skips_blocks_resets_per_call_and_leaves_no_trace(capsys):
+    pytest.importorskip("cache_dit")
+    from diffcache.eval.baselines import cache_dit_cache
+
+    pipe = pipeline("digits-dit")
+    keys, before = set(pipe.transformer.state_dict()), hook_state(pipe.transformer)
+    with counting(pipe, "transformer_blocks.5.ff") as calls:
+        full = generate(pipe, 25)
+        calls[0] = 0
+        with cache_dit_cache(pipe, Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
+                             max_warmup_steps=4, taylorseer_order=1):
+            first, second = generate(pipe, 25), generate(pipe, 25)
+    assert 0 < calls[0] / 2 < 25, f"DBCache ran the last block {calls[0] / 2} of 25 steps"
+    assert np.array_equal(first, second) and psnr(first, full) > 30.0  # measured 51.9 dB, 14 of 25 steps
+    assert set(pipe.transformer.state_dict()) == keys and hook_state(pipe.transformer) == before
+    assert np.array_equal(generate(pipe, 25), full)
+    assert "cache" not in capsys.readouterr().out.lower()  # its INFO lines go to stdout unless silenced
+
+
+def test_cache_dit_refuses_the_unet_and_leaves_it_unchanged():
+    pytest.importorskip("cache_dit")
+    from diffcache.eval.baselines import cache_dit_cache
+
+    pipe = pipeline("digits-unet")
+    full, call = generate(pipe), type(pipe).__call__
+    with pytest.raises(BaselineUnavailable, match="cache-dit does not run on DigitsUNetPipeline"), \
+            cache_dit_cache(pipe, Fn_compute_blocks=1):
+        pytest.fail("the with-block must not be entered")
+    assert type(pipe).__call__ is call and np.array_equal(generate(pipe), full)
