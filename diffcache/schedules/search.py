@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..adapters import BLOCK, Adapter, Layout, denoiser_of, resolve_adapter
 from ..data import CalibrationData, Compare, Generate, conditions_from
 from ..errors import SearchError
@@ -132,6 +134,7 @@ def search(
                 pipe.set_progress_bar_config(disable=True)
             if cost_model is None:
                 cost_model = CostModel.measure_on(pipe, data.batches(pipe)[0], budget.measure, granularity)
+            _check_reachable(budget, cost_model, adapter.layout(granularity), data.steps(pipe))  # before calibrating
             job = SearchJob(pipe, adapter, data, budget, cost_model, granularity, quality, out, resume, progress,
                             forecast or 0, extra, extra_key)
             schedule = replace(run(job, options), forecast=forecast or 0)
@@ -179,6 +182,20 @@ def _check_cost_model(cost_model: CostModel | None, budget: Budget, layout: Layo
         raise SearchError(f"the cost model was profiled for {len(profile.units)} units x {profile.components}, the "
                           f"search runs on {len(layout.units)} units x {layout.components}; profile it at the "
                           "search's granularity (CostModel.measure_on(..., granularity))")
+
+
+def _check_reachable(budget: Budget, cost_model: CostModel, layout: Layout, steps: int) -> None:
+    """Refuse at once a budget below the cheapest plan there is: step 0 computes, every later step reuses all."""
+    present = layout.present if layout.present is not None else np.ones((len(layout.units), len(layout.components)),
+                                                                          bool)
+    grid = np.broadcast_to(~present, (steps, *present.shape)).copy()
+    grid[0] = True
+    cheapest = Schedule(grid, layout.units, layout.components, "cheapest", present=layout.present)
+    fraction = cost_model.fraction(cheapest)
+    if fraction > budget.fraction + 1e-9:
+        raise SearchError(f"budget {budget} is below the cheapest schedule there is (every step after the first "
+                          f"reusing everything costs {fraction:.1%} of the full model in {budget.measure}, "
+                          f"{1 / fraction:.1f}x); raise the budget")
 
 
 def _quant_hooks(quant: Any, method: str, adapter: Adapter) -> tuple[list, str]:

@@ -100,3 +100,18 @@ def test_a_registered_quality_is_resolved_once_per_final_round(dit):
     schedule = diffcache.search(dit, LABELS, "dp", "recompute:0.6", num_inference_steps=STEPS, guidance_scale=4.0,
                                 batch_size=2, quality="test-arena-counted", validation=[1, 2], progress=False)
     assert schedule.meta["arena"]["candidates"] > 5 and len(made) == 1
+
+
+@pytest.mark.parametrize("budget", ["100x", "latency:200x"])
+def test_an_unreachable_budget_is_refused_before_any_calibration(dit, tmp_path, budget):
+    calls = []
+    handle = dit.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(diffcache.SearchError, match="below the cheapest schedule there is"):
+            diffcache.search(dit, LABELS, "dp", budget, num_inference_steps=STEPS, guidance_scale=4.0, batch_size=2,
+                             out_dir=tmp_path / "work", progress=False)
+    finally:
+        handle.remove()
+    # Only the cost profile ran (MACs: one step per CFG branch; latency: a warm-up and a timed generation).
+    assert len(calls) <= (2 if budget == "100x" else 4 * STEPS)  # a calibration runs ~STEPS^2 calls
+    assert not any((tmp_path / "work").rglob("*")) if (tmp_path / "work").exists() else True
