@@ -151,3 +151,26 @@ def test_hand_edited_preset_is_resampled_as_custom(caplog):
     assert "resampled to 16" in caplog.text
     assert np.flatnonzero(resampled.recompute[:, 0, 0]).tolist() == [0, 4, 12]
     assert resample(s, 16) == from_tag("fora:interval=2", build_pipeline("dit").transformer, 16)
+
+
+@pytest.mark.parametrize(("tag", "message"), [
+    ("uniform:interval=100", "interval 100 >= the 25 steps, so after the warm-up no step refreshes the cache (96%"),
+    ("uniform:interval=2,warmup=30", "reuses nothing at 25 steps (warmup=30 covers them all)"),
+])
+def test_presets_that_make_caching_pointless_warn(caplog, tag, message):
+    transformer = build_pipeline("dit").transformer
+    with caplog.at_level("WARNING"):
+        from_tag(tag, transformer, 25)
+    assert message in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        from_tag("uniform:interval=3", transformer, 25)
+    assert caplog.text == ""
+
+
+def test_resampling_a_searched_plan_says_what_changed(caplog):
+    s = from_tag("uniform:interval=3", build_pipeline("dit").transformer, 25)
+    searched = Schedule(s.recompute, s.units, s.components, "dp")
+    with caplog.at_level("WARNING"):
+        resample(searched, 50)
+    assert "resampled to 50: cache usage 64% -> 82%, key steps 9 -> 9 (more steps reuse" in caplog.text

@@ -107,7 +107,21 @@ def build_from_tag(tag: str, adapter: Adapter, num_steps: int) -> Schedule:
             "try 'fora:interval=N' or 'uniform:interval=N' for transformers, 'deepcache:interval=N' for UNets"
         )
     layout = adapter.layout(_granularity(preset, params))
-    return _build(name, params, layout, num_steps, adapter.model_info)
+    schedule = _build(name, params, layout, num_steps, adapter.model_info)
+    _warn_if_pointless(tag, schedule, params)
+    return schedule
+
+
+def _warn_if_pointless(tag: str, schedule: Schedule, params: dict[str, Any]) -> None:
+    """A preset that reuses nothing (caching changes nothing) or recomputes nothing after its warm-up."""
+    steps = schedule.num_steps
+    if schedule.method != "none" and schedule.cache_usage_ratio == 0:
+        logger.warning("%r reuses nothing at %d steps (warmup=%s covers them all): caching changes nothing; lower "
+                       "the warm-up", tag, steps, params.get("warmup", 1))
+    elif isinstance(params.get("interval"), int) and params["interval"] >= steps:
+        logger.warning("%r: interval %d >= the %d steps, so after the warm-up no step refreshes the cache (%.0f%% "
+                       "reuse); quality collapses, pick an interval well below the step count", tag, params["interval"],
+                       steps, 100 * schedule.cache_usage_ratio)
 
 
 def from_tag(tag: str, model: torch.nn.Module | Adapter, num_steps: int = 50) -> Schedule:
@@ -142,18 +156,24 @@ def resample(schedule: Schedule, num_steps: int) -> Schedule:
         return schedule
     if is_preset(schedule.method) and regenerate(schedule, schedule.num_steps) == schedule:
         return regenerate(schedule, num_steps)
-    logger.warning(
-        "Schedule %r was made for %d steps and is resampled to %d; it was not searched for this step count, "
-        "re-run `diffcache search` at %d steps for the best quality/speed.",
-        schedule.method, schedule.num_steps, num_steps, num_steps,
-    )
     new = np.zeros((num_steps,) + schedule.recompute.shape[1:], dtype=bool)
     targets = (np.arange(schedule.num_steps) * num_steps) // schedule.num_steps
     for old, target in enumerate(targets):
         new[target] |= schedule.recompute[old]
     new[0] = True
     new |= ~schedule.present_mask[None]
-    return replace(schedule, recompute=new, meta=dict(schedule.meta, resampled_from=schedule.num_steps))
+    result = replace(schedule, recompute=new, meta=dict(schedule.meta, resampled_from=schedule.num_steps))
+    logger.warning(
+        "Schedule %r was made for %d steps and is resampled to %d: cache usage %.0f%% -> %.0f%%, key steps %d -> %d "
+        "(%s). It was not searched for this step count; re-run `diffcache search` at %d steps for the best "
+        "quality/speed.",
+        schedule.method, schedule.num_steps, num_steps, 100 * schedule.cache_usage_ratio,
+        100 * result.cache_usage_ratio, int(schedule.recompute.all(axis=(1, 2)).sum()),
+        int(new.all(axis=(1, 2)).sum()),
+        "more steps reuse between the same refreshes" if num_steps > schedule.num_steps
+        else "every refresh is kept, so more is recomputed", num_steps,
+    )
+    return result
 
 
 def regenerate(schedule: Schedule, num_steps: int) -> Schedule:
