@@ -33,6 +33,8 @@ from .methods import SearchJob, search_method
 
 logger = logging.getLogger(__name__)
 
+MIN_CALIBRATION = 8  # calibration images from which the final round ranks near-tied schedules reliably (bench_proxy)
+
 
 
 def search(
@@ -120,6 +122,11 @@ def search(
         if shared:
             logger.warning("diffcache: the validation set shares %d conditions with the calibration set (%s); it is "
                            "held out by its seeds only", len(shared), ", ".join(shared[:5]))
+    if len(conditions) < MIN_CALIBRATION:
+        logger.warning("diffcache: calibrating on %d image(s); below %d, near-tied schedules are ranked by chance "
+                       "(scripts/bench_proxy.py: rank correlation with held-out PSNR among each cost band's best "
+                       "0.74-0.95 at 4 images, 0.88-0.99 at 8). Pass at least 10 prompts (8 calibrate, 2 are held "
+                       "out).", len(conditions), MIN_CALIBRATION)
     data = CalibrationData(conditions, num_inference_steps, guidance_scale, seed, batch_size, **outputs)
     # Held-out generations use seeds after every calibration batch's, so no noise is shared.
     held_data = CalibrationData(held, num_inference_steps, guidance_scale, seed + len(data.batches(pipe)),
