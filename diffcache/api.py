@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from .adapters import Adapter, denoiser_of, resolve_adapter, uncompiled
-from .errors import DiffcacheError, UnsupportedModelError
+from .errors import DiffcacheError, QuantError, UnsupportedModelError
 from .quant import CacheCorrection, QuantCalibration, QuantConfig, resolve_quant
 from .runtime import (
     QUANT_HOOK,
@@ -45,6 +45,9 @@ def accelerate(
     quant: QuantConfig | QuantCalibration | str | os.PathLike | None = None,
     correction: CacheCorrection | str | os.PathLike | None = None,
     keep_float_weights: bool = True,
+    calibration: Sequence[str | int] | str | os.PathLike | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> Pipeline:
     """Make ``pipe`` run with feature caching; the pipeline is changed **in place** and returned.
 
@@ -64,6 +67,11 @@ def accelerate(
         correction: a `diffcache.quant.CacheCorrection` (or its saved path) fitted for this schedule: CacheQuant's
             per-step, per-channel correction of the reused UNet branch feature, and, if it was fitted with
             ``quant=``, of the quantization error of the convolutions reading it (then pass that same ``quant``).
+        calibration, num_inference_steps, guidance_scale: with a ``quant`` config or preset name (``"w8a8"``),
+            calibrate it here on these prompts or class ids along ``schedule``'s trajectory, as
+            `diffcache.quant.calibrate` does, for the step count and guidance you will generate with (a
+            calibration holds for exactly that step count; default: the pipeline's). One call instead of two;
+            calibrate separately to save the calibration and reuse it.
         keep_float_weights: with ``quant``, keep the quantized layers' float weights beside their int8 ones (the
             default), so `restore` is exact. ``False`` frees them, so the weights really shrink (int8 layers to a
             quarter of float32); the pipeline then cannot be restored or accelerated again (reload the model).
@@ -81,6 +89,8 @@ def accelerate(
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
     quant = resolve_quant(quant)
+    if calibration is not None:
+        quant = _calibrated(pipe, quant, calibration, schedule, num_inference_steps, guidance_scale)
     if correction is not None and not isinstance(correction, CacheCorrection):
         correction = CacheCorrection.load(correction)
     if correction is not None:
@@ -111,6 +121,22 @@ def accelerate(
         find_attachment(denoiser).released = True
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
+
+
+def _calibrated(pipe: Pipeline, quant: Any, prompts: Any, schedule: ScheduleLike, steps: int | None,
+                guidance: float | None) -> Any:
+    """``accelerate(..., quant="w8a8", calibration=prompts)``: the calibration `quant.calibrate` would make."""
+    from .quant import calibrate
+
+    if quant is None:
+        raise QuantError("calibration= calibrates a quantization: pass quant= too (e.g. quant='w8a8')")
+    if isinstance(quant, QuantCalibration):
+        raise QuantError("quant= is already a calibration; drop calibration= (or pass the config name to recalibrate)")
+    assert isinstance(quant, QuantConfig)
+    if isinstance(schedule, (str, os.PathLike)) and os.path.isfile(schedule):
+        schedule = Schedule.load(schedule)
+    along = schedule if isinstance(schedule, (Schedule, str)) and schedule != "none" else None
+    return calibrate(pipe, prompts, quant, schedule=along, num_inference_steps=steps, guidance_scale=guidance)
 
 
 def restore(pipe: Pipeline) -> Pipeline:

@@ -314,3 +314,18 @@ def test_time_reconstruction_learns_the_rounding_of_the_temporal_layers(dit, tmp
     assert loaded.key == learned.key != nearest.key
     with diffcache.accelerated(dit, "none", quant=loaded):
         assert psnr(generate(dit), full) == quality["learned"]
+
+
+def test_one_call_quantization_equals_the_two_call_form(dit):
+    kwargs = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE_SCALE}
+    two = calibrate(dit, LABELS[:4], "w8a8", schedule="uniform:interval=2", progress=False, **kwargs)
+    with diffcache.accelerated(dit, "uniform:interval=2", quant=two):
+        expected = generate(dit)
+    with diffcache.accelerated(dit, "uniform:interval=2", quant="w8a8", calibration=LABELS[:4], **kwargs):
+        one = generate(dit)
+    assert np.array_equal(one, expected)
+    with pytest.raises(QuantError, match="pass quant= too"):
+        diffcache.accelerate(dit, "uniform:interval=2", calibration=LABELS[:4])
+    with pytest.raises(QuantError, match="already a calibration"):
+        diffcache.accelerate(dit, "uniform:interval=2", quant=two, calibration=LABELS[:4])
+    assert diffcache.api.find_attachment(dit.transformer) is None  # refused before anything changed
