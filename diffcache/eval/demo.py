@@ -66,7 +66,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
             grid[f"{name} {r.method}"] = r.images[:GRID_COLUMNS]
         pareto[name] = [(r.method, r.speedup, r.psnr_db, *_bounds(r), r is rows[-1])
                         for r in rows if r.method != FULL]
-    image_grid(grid, out / "grid.png")
+    image_grid(grid, out / "grid.png", columns=[f"digit {c}" for c in labels[:GRID_COLUMNS]])
     front_plot(pareto, out / "pareto.png")
     report.append(f"wrote {out / 'grid.png'} and {out / 'pareto.png'}")
     return "\n\n".join(report)

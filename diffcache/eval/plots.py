@@ -6,31 +6,48 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..optional import require
 from .metrics import to_uint8
 
 
-def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 2, label_px: int = 240) -> None:
-    """Save a grid: one row per method (its name on the left), the same images/seeds in every column.
+def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 2,
+               columns: Sequence[str] | None = None, font_px: int = 14) -> None:
+    """Save a grid: one row per method (its full name on the left), the same images/seeds in every column.
 
     Args:
         rows: method name -> images ``(N, H, W, C)`` in [0, 1]; all rows have the same N, H, W.
         scale: integer upscaling of each tile (nearest), so 32 px digits stay readable.
+        columns: a header per column (e.g. the class label each column asked for).
     """
     first = next(iter(rows.values()))
     n, h, w = first.shape[:3]
     tile_h, tile_w, pad = h * scale, w * scale, 2
-    canvas = Image.new("RGB", (label_px + n * (tile_w + pad), len(rows) * (tile_h + pad)), "white")
+    font = ImageFont.load_default(size=font_px)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_px = 12 + max(int(measure.textlength(name, font=font)) for name in rows)  # no name is cut
+    header_px = font_px + 10 if columns else 0
+    canvas = Image.new("RGB", (label_px + n * (tile_w + pad), header_px + len(rows) * (tile_h + pad)), "white")
     draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(columns or []):
+        x = label_px + c * (tile_w + pad) + (tile_w - int(draw.textlength(title, font=font))) // 2
+        draw.text((x, 3), title, fill="black", font=font)
     for r, (name, images) in enumerate(rows.items()):
-        y = r * (tile_h + pad)
-        draw.text((4, y + tile_h // 2 - 6), name, fill="black")
+        y = header_px + r * (tile_h + pad)
+        draw.text((4, y + (tile_h - font_px) // 2), name, fill="black", font=font)
         for c, image in enumerate(images):
             tile = Image.fromarray(to_uint8(image)).convert("RGB").resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (label_px + c * (tile_w + pad), y))
     canvas.save(path)
+
+
+def measured_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (no other is at least as fast and at least as good, and better in
+    one), ordered by speed: the measured front that a plot joins."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
 
 
 def pareto_plot(
@@ -72,7 +89,8 @@ def front_plot(
 ) -> None:
     """Save one panel per model: quality (with its 95% interval as a bar) against measured speedup.
 
-    Points are numbered and listed beside each panel, so labels never overlap; searched points are stars.
+    Points are numbered and listed beside each panel, so labels never overlap; searched points are stars; the
+    non-dominated points (the measured front) are joined by a line, the others are plain dots.
 
     Args:
         models: model name -> ``[(method, speedup, quality, low, high, searched), ...]``.
@@ -84,13 +102,16 @@ def front_plot(
     fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.6 * len(models)), dpi=120, squeeze=False)
     for ax, (model, points) in zip(axes[:, 0], models.items()):
         listing = []
+        front = measured_front([(p[1], p[2]) for p in points])
+        ax.plot([points[i][1] for i in front], [points[i][2] for i in front], "-", color="tab:gray", alpha=0.6,
+                zorder=0, label="measured front")
         for i, (method, speedup, quality, low, high, searched) in enumerate(points, start=1):
             color = "tab:red" if searched else "tab:blue"
             ax.errorbar(speedup, quality, yerr=[[quality - low], [high - quality]], fmt="*" if searched else "o",
                         color=color, markersize=11 if searched else 6, capsize=3)
             ax.annotate(str(i), (speedup, quality), textcoords="offset points", xytext=(5, 3), fontsize=8,
                         color=color)
-            listing.append(f"{i}  {method}")
+            listing.append(f"{i}  {method}" + ("  (front)" if i - 1 in front else ""))
         ax.set_title(model, fontsize=10)
         ax.set_xlabel("measured speedup vs full (x)")
         ax.set_ylabel(quality_label)

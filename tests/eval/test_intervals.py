@@ -62,3 +62,23 @@ def test_front_plot_writes_a_png(tmp_path):
     points = [("uniform:interval=2", 1.8, 45.6, 44.9, 46.4, False), ("dp 2x", 2.4, 47.6, 46.7, 48.3, True)]
     front_plot({"digits-dit": points, "digits-unet": points[:1]}, tmp_path / "front.png")
     assert (tmp_path / "front.png").stat().st_size > 5000
+
+
+def test_measured_front_keeps_only_non_dominated_points():
+    from diffcache.eval.plots import measured_front
+
+    points = [(1.5, 50.0), (2.0, 48.0), (1.9, 47.0), (2.5, 44.0), (2.4, 44.5), (3.0, 40.0), (1.4, 49.0)]
+    assert measured_front(points) == [0, 1, 4, 3, 5]  # (1.9, 47) and (1.4, 49) are dominated
+
+
+def test_image_grid_has_column_headers_and_uncut_row_labels(tmp_path):
+    from PIL import Image, ImageDraw, ImageFont
+
+    from diffcache.eval.plots import image_grid
+
+    name = "digits-dit uniform:interval=3,warmup=2,forecast=1"
+    images = np.zeros((3, 8, 8, 3))
+    image_grid({name: images, "full": images}, tmp_path / "g.png", scale=2, columns=["0", "1", "2"])
+    grid = Image.open(tmp_path / "g.png")
+    text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=ImageFont.load_default(size=14))
+    assert grid.width >= text + 3 * 16 and grid.height == 24 + 2 * 18  # header row + two rows of tiles
