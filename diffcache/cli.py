@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConditionError, DiffcacheError, PipelineNotFoundError
-from .eval.metrics import METRIC_NAMES
-from . import models  # noqa: F401  (registers the digits classifier's quality objectives)
-from .eval.quality import quality_names
-from .schedule import FORECAST_ORDERS
-from .schedules.methods import search_methods
-from .schedules.search import search as _search_fn  # noqa: F401  (registers the built-in search methods)
+
+# Names for help texts only: the parser is built without torch, so `--help` and usage errors answer at once. The
+# handlers check against the live registries (tests/test_cli.py keeps these lists equal to them).
+METRICS_HELP = ("fid", "clip", "psnr", "ssim", "acc")
+METHODS_HELP = ("dp", "bac", "ecad", "router")
+QUALITIES_HELP = ("psnr", "accuracy", "fid")
+FORECAST_CHOICES = (0, 1, 2)
 
 
 def _count(text: str) -> int:
@@ -103,6 +104,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .eval.metrics import METRIC_NAMES
     from .eval.runner import EvalConfig, evaluate
     from .loading import BUILTIN_PREFIX
 
@@ -127,9 +129,18 @@ def _eval(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import time
 
+    from . import models  # noqa: F401  (registers the digits classifier's quality objectives)
+    from .eval.quality import quality_names
     from .schedules.budget import Budget
+    from .schedules.methods import search_methods
     from .schedules.search import search
 
+    if args.method not in search_methods():
+        args.parser.error(f"argument --method: invalid choice: {args.method!r} (choose from "
+                          f"{', '.join(search_methods())})")
+    if args.quality not in quality_names():
+        args.parser.error(f"argument --quality: invalid choice: {args.quality!r} (choose from "
+                          f"{', '.join(quality_names())})")
     try:
         budget = Budget.parse(args.budget)
     except ValueError as err:
@@ -333,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     _pipeline_args(evaluate)
     evaluate.add_argument("--schedule", nargs="+", required=True, help="preset tags or schedule JSON files")
     evaluate.add_argument("--prompts", required=True, help="file with one prompt (or class id / label) per line")
-    evaluate.add_argument("--metrics", default="psnr,ssim", help=f"comma list from {','.join(METRIC_NAMES)}")
+    evaluate.add_argument("--metrics", default="psnr,ssim", help=f"comma list from {','.join(METRICS_HELP)}")
     evaluate.add_argument("--out", required=True, type=Path, help="results JSONL (images go beside it)")
     evaluate.add_argument("--limit", type=_count, default=None, help="use only the first N prompts")
     evaluate.add_argument("--fid-features", choices=["inception", "digits"], default=None,
@@ -357,18 +368,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _pipeline_args(search)
     search.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
-    search.add_argument("--method", choices=search_methods(), default="dp", help="default dp")
+    search.add_argument("--method", default="dp", help=f"{', '.join(METHODS_HELP)} or a registered method (default dp)")
     search.add_argument("--budget", default="2x",
                         help="'2x' (MACs speedup), 'latency:2x', 'recompute:0.4' or a MACs fraction (default 2x)")
     search.add_argument("--out", required=True, help="schedule JSON to write")
     search.add_argument("--granularity", choices=["block", "component"], default=None,
                         help="default: component for bac/ecad/router on transformers, else block")
-    search.add_argument("--quality", choices=quality_names(), default="psnr",
-                        help="ECAD quality objective (accuracy/fid: digits models only; default psnr vs full)")
+    search.add_argument("--quality", default="psnr",
+                        help=f"{', '.join(QUALITIES_HELP)} or a registered objective: ECAD's quality objective (accuracy/fid: digits models only; default psnr vs full)")
     search.add_argument("--batch-size", type=_count, default=16, help="calibration images per call (default 16)")
     search.add_argument("--limit", type=_count, default=None, help="use only the first N prompts")
     search.add_argument("--resume", action="store_true", help="continue an interrupted ECAD run")
-    search.add_argument("--forecast", type=int, choices=list(FORECAST_ORDERS), default=None,
+    search.add_argument("--forecast", type=int, choices=list(FORECAST_CHOICES), default=None,
                         help="fix what reuse steps serve: 0 a copy of the cache, 1 or 2 its Taylor forecast of that "
                         "order (2 or 3 times the cache memory); default: measured on the calibration set")
     search.add_argument("--no-presets", dest="presets", action="store_false",

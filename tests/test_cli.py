@@ -121,3 +121,31 @@ def test_class_labels_are_checked_in_the_python_api_too():
     with pytest.raises(ConditionError, match="class label -1"):
         generation_kwargs(pipe, [-1], 0, 5, None)
     assert conditions_from(["7", 3], pipe) == [7, 3]
+
+
+def test_help_name_lists_match_the_registries():
+    from diffcache import cli, models  # noqa: F401  (models registers the digits quality objectives)
+    from diffcache.eval.metrics import METRIC_NAMES
+    from diffcache.eval.quality import quality_names
+    from diffcache.schedule import FORECAST_ORDERS
+    from diffcache.schedules.methods import search_methods
+    from diffcache.schedules.search import search  # noqa: F401  (registers the built-in methods)
+
+    assert cli.METRICS_HELP == METRIC_NAMES and tuple(cli.FORECAST_CHOICES) == tuple(FORECAST_ORDERS)
+    assert set(cli.METHODS_HELP) <= set(search_methods()) and set(cli.QUALITIES_HELP) <= set(quality_names())
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom diffcache.cli import main\ntry:\n    main(['search', '--method', 'dp'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]  # argparse's error (missing --pipeline), answered without loading torch
+
+
+def test_an_unknown_search_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--pipeline", "digits-dit", "--prompts", "x.txt", "--out", "s.json", "--method", "nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope' (choose from" in capsys.readouterr().err
