@@ -95,8 +95,10 @@ def compare_methods(
     images: dict[str, np.ndarray] = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
-    for round_index in tqdm(range(repeats + 1), desc="bench rounds", disable=not progress):
+    bar = tqdm(total=(repeats + 1) * len(methods), desc="bench (warm-up round first)", disable=not progress)
+    for round_index in range(repeats + 1):
         for method in methods:  # round 0 is the warm-up; methods alternate within every round
+            bar.set_postfix_str(f"round {round_index}/{repeats}: {method}")
             with contexts[method]():
                 w0, c0 = time.perf_counter(), time.process_time()
                 out = generate(pipe, make_kwargs())
@@ -106,6 +108,8 @@ def compare_methods(
             else:
                 wall[method].append(w1 - w0)
                 cpu[method].append(c1 - c0)
+            bar.update()
+    bar.close()
     restore(pipe)
 
     # Profiles after the timed rounds, on a warm pipeline; the denoiser's share of time comes from the same
