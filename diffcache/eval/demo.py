@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..schedules.search import search
-from .bench import FULL, BenchRow, psnr_cell, compare_methods, psnr_difference
+from .bench import FULL, BenchRow, compare_methods, label, psnr_cell, psnr_difference
 from .metrics import accuracy, fid
 from .plots import front_plot, image_grid
 
@@ -61,10 +61,13 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", per_class: int = 10, repea
         others = _quantized(pipe, quant, schedules[1], progress) if quant else {}
         rows = compare_methods(pipe, make_kwargs, [*schedules, searched], repeats, progress=progress, others=others)
         scores = {r.method: (fid(r.images, real, classifier), accuracy(r.images, labels, classifier)) for r in rows}
-        report.append(_table(name, rows, scores, len(labels)))
+        # The searched row by its label: with quant, the quantized rows come after it.
+        searched_row = next(r for r in rows if r.method == label(searched))
+        presets = [r for r in rows if r.method in {label(t) for t in schedules}]
+        report.append(_table(name, rows, scores, len(labels), searched_row, presets))
         for r in rows:
             grid[f"{name} {r.method}"] = r.images[:GRID_COLUMNS]
-        pareto[name] = [(r.method, r.speedup, r.psnr_db, *_bounds(r), r is rows[-1])
+        pareto[name] = [(r.method, r.speedup, r.psnr_db, *_bounds(r), r is searched_row)
                         for r in rows if r.method != FULL]
     image_grid(grid, out / "grid.png", columns=[f"digit {c}" for c in labels[:GRID_COLUMNS]])
     front_plot(pareto, out / "pareto.png")
@@ -85,7 +88,8 @@ def _quantized(pipe, quant: str, schedule: str, progress: bool) -> dict:
             f"{name} + {schedule}": lambda: accelerated(pipe, schedule, quant=calibration)}
 
 
-def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float]], num_images: int) -> str:
+def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float]], num_images: int,
+           searched: BenchRow, presets: list[BenchRow]) -> str:
     lines = [
         f"**{name}** ({num_images} images per method, {rows[0].num_steps} DDIM steps, batch {num_images} + CFG)",
         "",
@@ -98,8 +102,7 @@ def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float
         macs, ideal = (f"{v:.2f}x" if math.isfinite(v) else "n/a" for v in (r.macs_speedup, r.ideal_latency))
         lines.append(f"| {method} | {macs} | {r.speedup:.2f}x | {ideal} | {frechet:.1f} | {acc:.1%} | "
                      f"{psnr_cell(r)} |")
-    searched = rows[-1]
-    lines += ["", front_check(searched, [r for r in rows[1:-1]])]
+    lines += ["", front_check(searched, presets)]
     return "\n".join(lines)
 
 
