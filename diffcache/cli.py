@@ -226,7 +226,7 @@ def _summary(args: argparse.Namespace) -> int:
     from .schedule import Schedule
     from .schedules.presets import build_from_tag, is_preset, parse_tag
 
-    if not os.path.exists(args.schedule) and ":" in args.schedule or is_preset(args.schedule):
+    if is_preset(args.schedule) or (":" in args.schedule and not os.path.exists(args.schedule)):
         try:
             parse_tag(args.schedule)
         except DiffcacheError as err:

@@ -37,6 +37,7 @@ from diffcache.eval.intervals import bootstrap, paired
 from diffcache.eval.metrics import accuracy, fid, psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import Budget, CostModel
+from diffcache.schedules.presets import whole_steps
 from diffcache.schedules.search import default_granularity
 
 STEPS = NUM_INFERENCE_STEPS
@@ -97,12 +98,7 @@ def compute_pattern(pipe, leaf: str, context: Callable[[], contextlib.AbstractCo
 def price(adapter, cost_model: CostModel, granularity: str, key: np.ndarray) -> float:
     """Latency fraction of a pattern whose key steps compute every slot and whose other steps reuse them all
     (FirstBlockCache also runs its first block on those: it is priced slightly low, against the search)."""
-    layout = adapter.layout(granularity)
-    present = layout.present if layout.present is not None else np.ones((len(layout.units), len(layout.components)), bool)
-    bits = key[:, None, None] | ~present[None]
-    bits = np.broadcast_to(bits, (STEPS, *present.shape)).copy()
-    return cost_model.fraction(diffcache.Schedule(bits, layout.units, layout.components, "pattern",
-                                                  present=layout.present))
+    return cost_model.fraction(whole_steps(adapter.layout(granularity), key, "pattern"))
 
 
 def baselines_for(name: str, pipe, labels, families) -> tuple[dict[str, Callable], dict[str, np.ndarray], list[str]]:
@@ -110,16 +106,17 @@ def baselines_for(name: str, pipe, labels, families) -> tuple[dict[str, Callable
     pattern; and a note for each family that does not run on this pipeline."""
     leaf, notes = LEAF[name], []
     candidates = {_title("taylorseer", p): ("taylorseer", p) for p in TAYLORSEER} if "taylorseer" in families else {}
+    patterns: dict[str, np.ndarray] = {}  # every setting tried, so a chosen one is not run again
 
     def mag_cache() -> dict[str, tuple[str, dict]]:
         ratios = mag_ratios(pipe, held_out(labels, STEPS) | {"generator": torch.Generator("cpu").manual_seed(0)})
         grid = {_title("mag_cache", p): ("mag_cache", p | {"mag_ratios": ratios, "num_inference_steps": STEPS})
                 for p in MAGCACHE_GRID}
-        return _nearest(pipe, leaf, grid, labels)
+        return _nearest(pipe, leaf, grid, labels, patterns)
 
     def first_block_cache() -> dict[str, tuple[str, dict]]:
         return _nearest(pipe, leaf, {_title("first_block_cache", p): ("first_block_cache", p)
-                                     for p in FBCACHE_GRID}, labels)
+                                     for p in FBCACHE_GRID}, labels, patterns)
 
     def faster_cache() -> dict[str, tuple[str, dict]]:
         with diffusers_cache(pipe, "faster_cache"):
@@ -131,7 +128,7 @@ def baselines_for(name: str, pipe, labels, families) -> tuple[dict[str, Callable
         for order in (0, 1):  # plain DBCache, and with its TaylorSeer calibrator
             grid = {_title("cache_dit", p | {"taylorseer_order": order}): ("cache_dit", p | {"taylorseer_order": order})
                     for p in CACHE_DIT_GRID}
-            chosen |= _nearest(pipe, leaf, grid, labels)
+            chosen |= _nearest(pipe, leaf, grid, labels, patterns)
         return chosen
 
     builders = {"mag_cache": mag_cache, "first_block_cache": first_block_cache, "faster_cache": faster_cache,
@@ -143,7 +140,8 @@ def baselines_for(name: str, pipe, labels, families) -> tuple[dict[str, Callable
             except (BaselineUnavailable, MissingExtraError) as err:
                 notes.append(f"- {family}: not applicable ({err})")
     contexts = {t: (lambda b=b, p=p: _context(pipe, b, p)) for t, (b, p) in candidates.items()}
-    patterns = {t: compute_pattern(pipe, leaf, c, labels) for t, c in contexts.items()}
+    patterns = {t: patterns[t] if t in patterns else compute_pattern(pipe, leaf, c, labels)
+                for t, c in contexts.items()}
     return contexts, patterns, notes
 
 
@@ -151,10 +149,13 @@ def _context(pipe, baseline: str, params: dict) -> contextlib.AbstractContextMan
     return cache_dit_cache(pipe, **params) if baseline == "cache_dit" else diffusers_cache(pipe, baseline, **params)
 
 
-def _nearest(pipe, leaf: str, grid: dict[str, tuple[str, dict]], labels) -> dict[str, tuple[str, dict]]:
-    """Per target speed, the grid setting whose number of fully computed steps is nearest ``STEPS / target``."""
-    counts = {t: compute_pattern(pipe, leaf, lambda b=b, p=p: _context(pipe, b, p), labels).sum()
-              for t, (b, p) in grid.items()}
+def _nearest(pipe, leaf: str, grid: dict[str, tuple[str, dict]], labels, patterns: dict[str, np.ndarray]
+             ) -> dict[str, tuple[str, dict]]:
+    """Per target speed, the grid setting whose number of fully computed steps is nearest ``STEPS / target``;
+    every setting's compute pattern is recorded in ``patterns``."""
+    for t, (b, p) in grid.items():
+        patterns[t] = compute_pattern(pipe, leaf, lambda b=b, p=p: _context(pipe, b, p), labels)
+    counts = {t: int(patterns[t].sum()) for t in grid}
     chosen = {min(counts, key=lambda t: (abs(counts[t] - STEPS / target), t)) for target in TARGETS}
     return {t: grid[t] for t in sorted(chosen, key=lambda t: -counts[t])}
 

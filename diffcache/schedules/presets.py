@@ -184,6 +184,16 @@ def regenerate(schedule: Schedule, num_steps: int) -> Schedule:
     return replace(built, reuse=schedule.reuse) if schedule.reuse else built
 
 
+def whole_steps(layout: Layout, key: np.ndarray, method: str = "whole-steps") -> Schedule:
+    """The plan whose ``key`` steps compute every slot and whose other steps reuse every slot that exists
+    (TaylorSeer's compute pattern; with only step 0 as key, the cheapest plan there is)."""
+    key = np.asarray(key, dtype=bool)
+    present = layout.present if layout.present is not None else np.ones((len(layout.units), len(layout.components)),
+                                                                          bool)
+    recompute = key[:, None, None] | ~present[None]
+    return Schedule(recompute, layout.units, layout.components, method, present=layout.present)
+
+
 def _build(
     name: str,
     params: dict[str, Any],

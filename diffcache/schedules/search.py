@@ -30,6 +30,7 @@ from . import dp, evolution, router  # noqa: F401  (they register the built-in m
 from .arena import best_of, split
 from .budget import Budget, CostModel
 from .methods import SearchJob, search_method
+from .presets import whole_steps
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +194,7 @@ def _check_cost_model(cost_model: CostModel | None, budget: Budget, layout: Layo
 
 def _check_reachable(budget: Budget, cost_model: CostModel, layout: Layout, steps: int) -> None:
     """Refuse at once a budget below the cheapest plan there is: step 0 computes, every later step reuses all."""
-    present = layout.present if layout.present is not None else np.ones((len(layout.units), len(layout.components)),
-                                                                          bool)
-    grid = np.broadcast_to(~present, (steps, *present.shape)).copy()
-    grid[0] = True
-    cheapest = Schedule(grid, layout.units, layout.components, "cheapest", present=layout.present)
-    fraction = cost_model.fraction(cheapest)
+    fraction = cost_model.fraction(whole_steps(layout, np.arange(steps) == 0, "cheapest"))
     if fraction > budget.fraction + 1e-9:
         raise SearchError(f"budget {budget} is below the cheapest schedule there is (every step after the first "
                           f"reusing everything costs {fraction:.1%} of the full model in {budget.measure}, "
