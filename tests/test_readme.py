@@ -1,5 +1,5 @@
-"""The README's shell examples run as written (issue #24): each `diffcache` line of its bash blocks, in order, in
-a fresh folder. Fast ones run by default, the rest under ``-m slow``; the ones that need what no clone has (a
+"""The README's examples run as written (issue #24): each `diffcache` line of its bash blocks, in order, in a
+fresh folder, and its Python blocks, in order, in one namespace (as a user pasting them into one session). Fast ones run by default, the rest under ``-m slow``; the ones that need what no clone has (a
 local SD1.5 folder, elided arguments) are listed and skipped, and the count of each kind is checked so a change
 of the README's layout cannot empty the test."""
 
@@ -66,3 +66,45 @@ def test_fast_readme_examples_run_as_written(tmp_path):
 def test_every_readme_example_runs_as_written(tmp_path):
     ran = run_blocks(tmp_path, slow=True)
     assert (tmp_path / "7.png").exists() and (tmp_path / "unet.json").exists() and len(ran) >= 10
+
+
+# Python blocks that calibrate or search run under -m slow
+SLOW_PYTHON = ("diffcache.search(", "calibrate(")
+
+
+def python_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def run_python(tmp_path: Path, monkeypatch, slow: bool) -> dict:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    for block in python_examples():
+        if not slow and any(s in block for s in SLOW_PYTHON):
+            continue
+        try:
+            exec(compile(block, "README.md", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"README Python example failed:\n{block}") from error
+    return namespace
+
+
+def test_the_readme_has_the_python_examples_this_test_runs():
+    blocks = python_examples()
+    assert len(blocks) >= 5 and sum(not any(s in b for s in SLOW_PYTHON) for b in blocks) >= 3
+    assert "load_pipeline(" in blocks[0]   # the first block says where its pipeline comes from
+
+
+def test_fast_readme_python_examples_run_as_written(tmp_path, monkeypatch):
+    import diffcache
+
+    ns = run_python(tmp_path, monkeypatch, slow=False)
+    assert (tmp_path / "deepcache.json").exists() and ns["image"].size == (32, 32)
+    assert "uniform:interval=3" in str(diffcache.summary(ns["model"])) and ns["x"].shape == (2, 8)
+
+
+@pytest.mark.slow
+def test_every_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    ns = run_python(tmp_path, monkeypatch, slow=True)
+    assert (tmp_path / "my-schedule.json").exists() and (tmp_path / "w8a8.npz").exists()
+    assert ns["calibration"] is not None

@@ -16,8 +16,7 @@ directly, pass the VAE: ``DiTPipeline.from_pretrained(folder, vae=AutoencoderKL.
 
 Example::
 
-    import numpy as np
-import torch
+    import torch
     from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
     pipe = load_pipeline("digits-dit")
     images = pipe(class_labels=[0, 1, 2], guidance_scale=GUIDANCE_SCALE,
