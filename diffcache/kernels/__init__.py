@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .int4 import Int4Linear, int4_supports, pack_int4, unpack_int4
 from .intmm import IntMMLinear, intmm_supports
 from .onednn import OneDNNConv2d, OneDNNLinear, onednn_available, onednn_supports
 
@@ -37,5 +38,5 @@ def int8_layer(module: torch.nn.Module, scale: torch.Tensor, bits: int = 8, back
     return OneDNNLinear(module.weight, scale, module.bias, bits, up)
 
 
-__all__ = ["BACKENDS", "Int8Kernel", "IntMMLinear", "OneDNNConv2d", "OneDNNLinear", "int8_backend", "int8_layer",
-           "onednn_available"]
+__all__ = ["BACKENDS", "Int4Linear", "Int8Kernel", "IntMMLinear", "OneDNNConv2d", "OneDNNLinear", "int4_supports",
+           "int8_backend", "int8_layer", "onednn_available", "pack_int4", "unpack_int4"]
