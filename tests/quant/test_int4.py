@@ -112,3 +112,15 @@ def test_int4_linear_refuses_8_bit_weights_and_says_what_it_runs():
         Int4Linear(linear.weight, torch.ones(8), None, bits=8)
     assert int4_supports(linear) and int4_supports(linear.to(torch.bfloat16))
     assert not int4_supports(torch.nn.Conv2d(4, 4, 3))
+
+
+def test_int4_linear_compiles_to_the_same_numbers():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(40, 64)
+    w_scale = weight_scales(linear.weight, 4, "mse")
+    x_scale, x_zero = act_params(x.min(), x.max())
+    kernel = Int4Linear(linear.weight, w_scale, linear.bias)
+    compiled = torch.compile(lambda x, x_scale, x_zero: kernel(x, x_scale, x_zero), fullgraph=True)
+    with torch.no_grad():
+        assert (compiled(x, x_scale, x_zero) - kernel(x, x_scale, x_zero)).abs().max() < 1e-5
