@@ -141,6 +141,7 @@ def ways(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, x_scale: tor
         lambda: rescale(torch.ops.aten._weight_int8pack_mm(centered_bf16, int8_codes, ones)),
         int8_codes.nbytes + ones.nbytes + w_scale.nbytes, 4)
     if compile_:
+        torch._dynamo.reset()  # one lambda compiled per shape and way: past dynamo's recompile limit otherwise
         for label in (INT8, "W4A8 packed"):
             compiled = torch.compile(lambda way=found[label]: way.run(), fullgraph=True)
             found[f"{label} compiled"] = Way(compiled, found[label].nbytes, found[label].bits)
