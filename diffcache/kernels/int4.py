@@ -3,11 +3,12 @@
 
 Why this kernel (scripts/bench_int4.py; ARCHITECTURE section 6): on this x86 CPU torch's own 4-bit GEMMs are built
 for few-row LLM decoding. ``_weight_int4pack_mm_for_cpu`` (the tinygemm layout, which torchao's CPU int4 configs
-also call) is about as fast as fp32 at diffusion's 512-2048 rows with bf16 input and ~60x slower with fp32 input,
-and ``_dyn_quant_matmul_4bit`` is a scalar reference loop off ARM. oneDNN's qlinear takes s8 weights only, and
-re-prepacking them at each call costs more than the GEMM. Unpacking the nibbles to int8 (two shifts, well under a
-millisecond for a DiT-XL FFN weight) and running ``torch._int_mm`` keeps half the bytes of int8 and computes the
-simulation's integers, at about bf16 speed.
+also call) runs at 0.8-1.1x fp32 speed at diffusion's 512-2048 rows with bf16 input and 50-100x slower with fp32
+input, and ``_dyn_quant_matmul_4bit`` is a scalar reference loop off ARM. oneDNN's qlinear takes s8 weights only,
+and re-prepacking them at each call costs more than the GEMM. Unpacking the nibbles to int8 (two shifts, about half
+a millisecond for a DiT-XL FFN weight) and running ``torch._int_mm`` keeps half the bytes of int8 and computes the
+simulation's integers: 2.5x fp32 and 0.86x oneDNN int8 eager, 3.5x fp32 and ~0.93x oneDNN int8 compiled
+(geometric means over DiT-XL and SD1.5 Linear shapes, one thread).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .int8 import Int8Layer
-from .intmm import _OUTPUT_DTYPES, IntMMLinear, intmm_supports
+from .intmm import _OUTPUT_DTYPES, IntMMLinear
 
 _LOW, _HIGH = -8, 7
 
@@ -74,7 +75,8 @@ class Int4Linear(IntMMLinear):
     ``(scale, zero_point)``, exact integers, dequantized in tensor ops). ``act_bits`` below 8 clamps the activation
     codes to ``[0, 2^act_bits - 1]`` as the simulation does, so W4A4 runs here too (at W4A8 speed).
 
-    Runs on CPU (any sizes) and, like `IntMMLinear`, on CUDA (sizes divisible by 8)."""
+    Tested on CPU (any sizes). On CUDA it would run `IntMMLinear`'s path (sizes divisible by 8), not yet tried on
+    a GPU, so `int4_supports` says CPU only."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 4,
                  up: torch.Tensor | None = None, act_bits: int = 8) -> None:
@@ -106,12 +108,10 @@ class Int4Linear(IntMMLinear):
 
 
 def int4_supports(module: torch.nn.Module) -> bool:
-    """Whether :class:`Int4Linear` can run ``module``: a float Linear on CPU, or one `IntMMLinear` takes on
-    CUDA."""
+    """Whether :class:`Int4Linear` runs ``module``: a float32/bf16/fp16 Linear on CPU."""
     weight = getattr(module, "weight", None)
-    if not isinstance(module, torch.nn.Linear) or weight is None or weight.dtype not in _OUTPUT_DTYPES:
-        return False
-    return weight.device.type == "cpu" or (weight.device.type == "cuda" and intmm_supports(module))
+    return (isinstance(module, torch.nn.Linear) and weight is not None and weight.device.type == "cpu"
+            and weight.dtype in _OUTPUT_DTYPES)
 
 
 __all__ = ["Int4Linear", "int4_supports", "pack_int4", "unpack_int4"]
