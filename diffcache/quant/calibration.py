@@ -29,6 +29,7 @@ from ..runtime import Executor, planned
 from ..schedule import Schedule
 from ..data import CalibrationData, conditions_from
 from .config import QuantConfig, quantizable_layers
+from .quantizers import mse_act_range, weight_scales
 from .reconstruction import learn_rounding, temporal_layers
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,13 @@ class QuantCalibration:
     With ``config.per_step=False`` every step holds the range over all steps. ``temporal`` maps each timestep
     MLP's name to its full-precision ``(inputs, outputs)`` rows seen at calibration (``config.temporal_lookup``).
     ``rounding`` maps temporal layers to their learned weight rounding (``up``, boolean like the weight;
-    ``config.time_reconstruction``).
+    ``config.time_reconstruction``). ``scales`` keeps each layer's per-channel weight scales (the MSE search is
+    minutes on a large model; accelerating again reuses them).
+
+    A fine-tuned calibration (`diffcache.quant.finetune`, ``method="efficientdm"``) also carries the model it
+    learned: ``codes`` (each layer's integer weights, the LoRA update merged in) and ``act`` (the learned
+    per-step activation ``(scale, zero_point)``, ``[layer, step, 2]``), which replace what PTQ derives from the
+    float weights and ``ranges``.
     """
 
     config: QuantConfig
@@ -62,6 +69,11 @@ class QuantCalibration:
     data_key: str = ""
     temporal: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     rounding: dict[str, np.ndarray] = field(default_factory=dict)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
+    codes: dict[str, np.ndarray] = field(default_factory=dict)
+    act: np.ndarray | None = None
+    method: str = "ptq"
+    training: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -74,7 +86,15 @@ class QuantCalibration:
         digest.update(np.ascontiguousarray(self.ranges, dtype=np.float32).tobytes())
         for name, up in self.rounding.items():
             digest.update(name.encode() + np.packbits(up).tobytes())
+        for name, codes in self.codes.items():
+            digest.update(name.encode() + np.ascontiguousarray(codes).tobytes() + self.scales[name].tobytes())
+        if self.act is not None:
+            digest.update(np.ascontiguousarray(self.act, dtype=np.float32).tobytes())
         return digest.hexdigest()[:16]
+
+    def layer_bits(self) -> list[tuple[int, int | None]]:
+        """``(weight_bits, act_bits)`` per layer, in `layers` order."""
+        return [self.config.layer_bits(i, len(self.layers)) for i in range(len(self.layers))]
 
     def check(self, adapter: Adapter) -> None:
         """Raise `QuantError` unless this calibration was made on ``adapter``'s architecture and layers."""
@@ -89,10 +109,16 @@ class QuantCalibration:
         """One ``.npz`` (ranges, temporal tables, JSON header), written atomically."""
         header = {"config": self.config.to_dict(), "model": self.model, "layers": self.layers,
                   "data_key": self.data_key, "temporal": list(self.temporal),
-                  "rounding": {name: list(up.shape) for name, up in self.rounding.items()}}
+                  "rounding": {name: list(up.shape) for name, up in self.rounding.items()},
+                  "scales": list(self.scales), "codes": {name: list(c.shape) for name, c in self.codes.items()},
+                  "act": self.act is not None, "method": self.method, "training": self.training}
         tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
                   for j, kind in enumerate(("tin", "tout"))}
         tables |= {f"round_{i}": np.packbits(up) for i, up in enumerate(self.rounding.values())}
+        tables |= {f"scale_{i}": s for i, s in enumerate(self.scales.values())}
+        tables |= {f"codes_{i}": _pack_codes(c) for i, c in enumerate(self.codes.values())}
+        if self.act is not None:
+            tables["act"] = self.act
         save_npz(path, _FORMAT, header, {"ranges": self.ranges, **tables})
 
     @classmethod
@@ -104,8 +130,12 @@ class QuantCalibration:
             temporal = {name: (data[f"tin_{i}"], data[f"tout_{i}"]) for i, name in enumerate(header["temporal"])}
             rounding = {name: np.unpackbits(data[f"round_{i}"], count=int(np.prod(shape))).reshape(shape).astype(bool)
                         for i, (name, shape) in enumerate(header.get("rounding", {}).items())}
+            scales = {name: data[f"scale_{i}"] for i, name in enumerate(header.get("scales", []))}
+            codes = {name: _unpack_codes(data[f"codes_{i}"], shape)
+                     for i, (name, shape) in enumerate(header.get("codes", {}).items())}
+            act = data["act"] if header.get("act") else None
             return cls(config, header["model"], header["layers"], data["ranges"], header["data_key"], temporal,
-                       rounding)
+                       rounding, scales, codes, act, header.get("method", "ptq"), header.get("training", {}))
         except FileNotFoundError:
             raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
                              "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
@@ -194,14 +224,19 @@ def calibrate(
     with planned(pipe, adapter, plan, observed):
         for kwargs in tqdm(data.batches(pipe), desc="quant calibration", disable=not progress):
             pipe(**kwargs)
-    ranges = np.stack([_ranges(record, steps, config) for record in records]).astype(np.float32)
+    bits = [config.layer_bits(i, len(layers)) for i in range(len(layers))]
+    ranges = np.stack([_ranges(record, steps, config, a or 8) for record, (_, a) in zip(records, bits)]
+                      ).astype(np.float32)
     logger.info("diffcache: quantization calibration of %d layers over %d steps", len(layers), steps)
     temporal = {name: (np.stack([i for i, _ in table.values()]), np.stack([o for _, o in table.values()]))
                 for (name, _), table in zip(times, tables)}
     rounding = {names[index]: up for index in reconstructed
                 if (up := _learned_rounding(layers[index][1], rows[index], ranges[index], config, names[index]))
                 is not None}
-    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding)
+    with torch.no_grad():
+        scales = {name: weight_scales(module.weight, w, config.weight_range).cpu().numpy().astype(np.float32)
+                  for (name, module), (w, _) in zip(layers, bits)}
+    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding, scales)
 
 
 def _learned_rounding(layer: torch.nn.Linear, rows: dict, ranges: np.ndarray, config: QuantConfig, name: str
@@ -225,28 +260,47 @@ def _plan(schedule: Schedule | str | None, adapter: Adapter, steps: int) -> Sche
     return plan
 
 
-def _ranges(record: dict[int, list], steps: int, config: QuantConfig) -> np.ndarray:
-    """``(steps, 2)`` low/high per step; one shared range when not ``per_step``."""
+def _ranges(record: dict[int, list], steps: int, config: QuantConfig, bits: int) -> np.ndarray:
+    """``(steps, 2)`` low/high per step for ``bits``-bit activations; one shared range when not ``per_step``."""
     missing = [s for s in range(steps) if s not in record]
     if len(missing) == steps:
         raise QuantError("a quantizable layer never ran during calibration; add it to QuantConfig.skip")
     out = np.zeros((steps, 2))
     for step in range(steps):  # a layer skipped at some step (a cached branch) borrows the nearest step's range
         low, high, samples = record[min(record, key=lambda s: abs(s - step))]
-        out[step] = _range(low, high, torch.cat(samples), config)
+        out[step] = _range(low, high, torch.cat(samples), config, bits)
     if not config.per_step:
         values = torch.cat([torch.cat(entry[2]) for entry in record.values()])
         low, high = min(e[0] for e in record.values()), max(e[1] for e in record.values())
-        out[:] = _range(low, high, values, config)
+        out[:] = _range(low, high, values, config, bits)
     return out
 
 
-def _range(low: float, high: float, values: torch.Tensor, config: QuantConfig) -> tuple[float, float]:
+def _range(low: float, high: float, values: torch.Tensor, config: QuantConfig, bits: int) -> tuple[float, float]:
     """The activation range of ``config.act_range`` from the extremes and a sample of the inputs."""
     if config.act_range == "minmax":
         return low, high
+    if config.act_range == "mse":
+        return mse_act_range(values, low, high, bits)
     q = torch.tensor([100 - config.percentile, config.percentile], dtype=values.dtype) / 100
     return tuple(torch.quantile(values, q).tolist())
+
+
+def _pack_codes(codes: np.ndarray) -> np.ndarray:
+    """Signed integer weights as int8, or, when all fit in 4 bits, two per byte (low nibble first)."""
+    flat = codes.astype(np.int8).ravel()
+    if flat.size % 2 or flat.min(initial=0) < -8 or flat.max(initial=0) > 7:
+        return flat
+    nibbles = (flat & 0x0F).astype(np.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_codes(stored: np.ndarray, shape: list[int]) -> np.ndarray:
+    if stored.dtype == np.int8:
+        return stored.reshape(shape)
+    low, high = (stored & 0x0F).astype(np.int8), (stored >> 4).astype(np.int8)
+    flat = np.stack([low, high], axis=1).ravel()
+    return np.where(flat > 7, flat - 16, flat).astype(np.int8).reshape(shape)
 
 
 __all__ = ["QuantCalibration", "calibrate", "quantizable_layers", "temporal_modules"]

@@ -1,4 +1,4 @@
-"""What to quantize and how: `QuantConfig` and the named presets ``"w8a8"``, ``"w4a8"``, ``"w8"``.
+"""What to quantize and how: `QuantConfig` and the named presets ``"w8a8"``, ``"w4a8"``, ``"w4a4"``, ``"w8"``.
 
 The scheme simulates what the CPU int8 backend runs (x86 PT2E / oneDNN, see specs/kernel-measurements.md):
 weights symmetric per output channel (signed, zero point 0), activations asymmetric per tensor (unsigned 8 bit),
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from ..errors import QuantError
 
 WEIGHT_BITS = (4, 8)
-ACT_BITS = (8,)
+ACT_BITS = (4, 8)
 WEIGHT_RANGES = ("minmax", "mse")
-ACT_RANGES = ("minmax", "percentile")
+ACT_RANGES = ("minmax", "percentile", "mse")
 BACKENDS = ("auto", "onednn", "intmm", "fake")
 
 
@@ -27,12 +27,18 @@ class QuantConfig:
 
     Attributes:
         weight_bits: 8 or 4 (symmetric, per output channel).
-        act_bits: 8, or ``None`` for weight-only quantization.
+        act_bits: 8 or 4, or ``None`` for weight-only quantization. 4-bit activations run in simulation (no CPU
+            or CUDA kernel takes them).
+        edge_bits: bit width of the first and the last quantized layer (weights, and activations if quantized),
+            ``None`` for the others' width. Below 8 bits these two carry the most error per bit (the image's
+            input and output pixels); Q-Diffusion, PTQ4DM and EfficientDM keep them at 8.
         weight_range: ``"mse"`` searches each channel's clipping range for the least squared error; ``"minmax"``
             uses the channel's absolute maximum.
-        act_range: ``"minmax"`` (the calibrated extremes) or ``"percentile"`` (``percentile`` / ``100 -
-            percentile`` of the inputs). On the digits DiT any clipping of activations costs more than it gains
-            (percentile 99.9: 11-16 dB PSNR, against 33-38 dB for min-max), so min-max is the default.
+        act_range: ``"minmax"`` (the calibrated extremes), ``"percentile"`` (``percentile`` / ``100 -
+            percentile`` of the inputs) or ``"mse"`` (the shrinking of the extremes with the least L2.4 rounding
+            error on a sample of the inputs, as EfficientDM's PTQ start). At 8 bits on the digits DiT any clipping
+            costs more than it gains (percentile 99.9: 11-16 dB PSNR, against 33-38 dB for min-max), so min-max is
+            the default there; 4-bit activations have too few levels for the extremes, so ``w4a4`` uses ``mse``.
         per_step: one activation range per step (``True``) or one shared by all steps.
         skip: module-name substrings left in floating point (e.g. ``("proj_out",)``).
         backend: ``"auto"`` (real int8 for 8-bit layers where a kernel runs them: oneDNN for Linear and Conv2d
@@ -49,6 +55,7 @@ class QuantConfig:
 
     weight_bits: int = 8
     act_bits: int | None = 8
+    edge_bits: int | None = None
     weight_range: str = "mse"
     act_range: str = "minmax"
     percentile: float = 99.99
@@ -63,6 +70,8 @@ class QuantConfig:
             raise QuantError(f"weight_bits must be one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise QuantError(f"act_bits must be one of {ACT_BITS} or None (weight-only), got {self.act_bits!r}")
+        if self.edge_bits is not None and self.edge_bits not in WEIGHT_BITS:
+            raise QuantError(f"edge_bits must be one of {WEIGHT_BITS} or None, got {self.edge_bits!r}")
         if self.weight_range not in WEIGHT_RANGES:
             raise QuantError(f"weight_range must be one of {WEIGHT_RANGES}, got {self.weight_range!r}")
         if self.act_range not in ACT_RANGES:
@@ -79,12 +88,18 @@ class QuantConfig:
     def name(self) -> str:
         return f"w{self.weight_bits}" + (f"a{self.act_bits}" if self.act_bits else "")
 
+    def layer_bits(self, index: int, count: int) -> tuple[int, int | None]:
+        """``(weight_bits, act_bits)`` of quantizable layer ``index`` of ``count`` (the edges may differ)."""
+        if self.edge_bits is not None and index in (0, count - 1):
+            return self.edge_bits, None if self.act_bits is None else max(self.act_bits, self.edge_bits)
+        return self.weight_bits, self.act_bits
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def parse(cls, value: QuantConfig | str | dict) -> QuantConfig:
-        """A config, a preset name (``"w8a8"``, ``"w4a8"``, ``"w8"``) or a dict of fields."""
+        """A config, a preset name (``"w8a8"``, ``"w4a8"``, ``"w4a4"``, ``"w8"``) or a dict of fields."""
         if isinstance(value, QuantConfig):
             return value
         if isinstance(value, dict):
@@ -99,7 +114,8 @@ class QuantConfig:
 
 PRESETS: dict[str, QuantConfig] = {
     "w8a8": QuantConfig(8, 8),
-    "w4a8": QuantConfig(4, 8),
+    "w4a8": QuantConfig(4, 8, edge_bits=8),
+    "w4a4": QuantConfig(4, 4, edge_bits=8, act_range="mse"),
     "w8": QuantConfig(8, None),
 }
 

@@ -234,7 +234,7 @@ class _QuantErrorFits:
         for conv in convs:
             name = names[conv]
             if name in self.fits:
-                hook, _ = layer_hook(conv, name, index[name], quant, clock)
+                hook, _ = layer_hook(conv, name, index[name], len(quant.layers), quant, clock)
                 self.handles.append(conv.register_forward_hook(self._recorder(hook, self.fits[name], clock)))
 
     @staticmethod

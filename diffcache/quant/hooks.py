@@ -7,7 +7,9 @@ floating point: slower than float, and reported as simulation). 4-bit and weight
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,10 +33,11 @@ class QuantLayerHook(ModelHook):
     correction) maps the output per step and channel, ``alpha[step] * y + beta[step]``."""
 
     def __init__(self, clock: Executor, weight: torch.Tensor | None, scale: torch.Tensor | None,
-                 zero: torch.Tensor | None, name: str, kernel: Int8Kernel | None = None) -> None:
+                 zero: torch.Tensor | None, name: str, kernel: Int8Kernel | None = None, act_bits: int = 8,
+                 weight_bits: int = 8) -> None:
         super().__init__()
         self.clock, self.weight, self.scale, self.zero, self.name = clock, weight, scale, zero, name
-        self.kernel = kernel
+        self.kernel, self.act_bits, self.weight_bits = kernel, act_bits, weight_bits
         self.out_fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -59,7 +62,7 @@ class QuantLayerHook(ModelHook):
         if self.kernel is not None:
             y = self.kernel(x, scale, zero)
         else:
-            y = _float_layer(module, fake_quant_act(x, scale, zero).to(x.dtype), self.weight)
+            y = _float_layer(module, fake_quant_act(x, scale, zero, self.act_bits).to(x.dtype), self.weight)
         if self.out_fix is None:
             return y
         shape = (1, -1) + (1,) * (y.dim() - 2)
@@ -112,19 +115,23 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
             )
     hooks: list[tuple[torch.nn.Module, ModelHook]] = []
     counts: Counter[str] = Counter()
-    for index, (name, module) in enumerate(quantizable_layers(adapter.denoiser, config)):
-        hook, backend = layer_hook(module, name, index, quant, clock)
+    layers = quantizable_layers(adapter.denoiser, config)
+    for index, (name, module) in enumerate(layers):
+        hook, backend = layer_hook(module, name, index, len(layers), quant, clock)
         counts[backend or "fake"] += 1
+        counts["w4"] += backend is not None and hook.weight_bits == 4
         hooks.append((module, hook))
     if isinstance(quant, QuantCalibration) and config.temporal_lookup:
         modules = dict(temporal_modules(adapter.denoiser))
         for name, (inputs, outputs) in quant.temporal.items():
             parameter = next(modules[name].parameters())
             hooks.append((modules[name], TemporalLookupHook(inputs, outputs, name, parameter.dtype, parameter.device)))
-    lookups = len(hooks) - sum(counts.values())
+    lookups = len(hooks) - len(layers)
     real = ", ".join(f"{counts[b]} layers int8 ({_KERNEL_NAMES[b]})" for b in BACKENDS if counts[b])
+    real += f" ({counts['w4']} of them 4-bit weights in int8 kernels)" if counts["w4"] else ""
     mib = sum(hook.nbytes for _, hook in hooks if isinstance(hook, QuantLayerHook)) / 2**20
-    note = (f"{config.name}: {real or '0 layers int8'}, {counts['fake']} simulated (fake quantization)"
+    method = "" if not isinstance(quant, QuantCalibration) or quant.method == "ptq" else f" {quant.method}"
+    note = (f"{config.name}{method}: {real or '0 layers int8'}, {counts['fake']} simulated (fake quantization)"
             + (f", {lookups} timestep MLPs from a full-precision table" if lookups else "")
             + f"; quantized weights {mib:.1f} MiB")
     return hooks, note
@@ -146,39 +153,79 @@ def release_float_weights(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int
     return freed
 
 
-def layer_hook(module: torch.nn.Module, name: str, index: int, quant: QuantConfig | QuantCalibration,
+def layer_hook(module: torch.nn.Module, name: str, index: int, count: int, quant: QuantConfig | QuantCalibration,
                clock: Executor | None) -> tuple[QuantLayerHook, str | None]:
-    """The hook running quantizable layer number ``index`` (``name``), and its int8 backend (None: simulated)."""
-    config = quant.config if isinstance(quant, QuantCalibration) else quant
+    """The hook running quantizable layer number ``index`` of ``count`` (``name``), and its int8 backend (None:
+    simulated)."""
+    calibration = quant if isinstance(quant, QuantCalibration) else None
+    config = quant.config if calibration is not None else quant
+    device = module.weight.device
+    w_bits, a_bits = config.layer_bits(index, count)
     with torch.no_grad():
-        scales = weight_scales(module.weight, config.weight_bits, config.weight_range)
-        scale = zero = kernel = weight = None
-        if config.act_bits is not None:
-            ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=module.weight.device)
-            scale, zero = act_params(ranges[:, 0], ranges[:, 1], config.act_bits)
-        backend = _backend(config, module) if scale is not None else None
-        learned = quant.rounding.get(name) if isinstance(quant, QuantCalibration) else None
-        up = None if learned is None else torch.as_tensor(learned, device=module.weight.device)
-        if backend is not None:
-            kernel = int8_layer(module, scales, config.weight_bits, backend, up)
+        cached = calibration.scales.get(name) if calibration is not None else None
+        if cached is not None and cached.shape == (module.weight.shape[0],):
+            scales = torch.as_tensor(cached, device=device)
         else:
-            weight = fake_quant_weight(module.weight, scales, config.weight_bits, up)
-    return QuantLayerHook(clock, weight, scale, zero, name, kernel), backend
+            scales = weight_scales(module.weight, w_bits, config.weight_range)
+        scale = zero = kernel = weight = None
+        if a_bits is not None and calibration is not None and calibration.act is not None:
+            learned_act = torch.as_tensor(calibration.act[index], dtype=torch.float32, device=device)
+            scale, zero = learned_act[:, 0].contiguous(), learned_act[:, 1].contiguous()
+        elif a_bits is not None:
+            ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=device)
+            scale, zero = act_params(ranges[:, 0], ranges[:, 1], a_bits)
+        codes = calibration.codes.get(name) if calibration is not None else None
+        # a fine-tuned layer runs its learned integers: codes * scale is exactly on the grid, so both the
+        # kernels' and the simulation's rounding give those integers back
+        source = module.weight if codes is None else _on_grid(codes, scales, module.weight)
+        backend = _backend(config, module, w_bits, a_bits) if scale is not None else None
+        learned = calibration.rounding.get(name) if calibration is not None and codes is None else None
+        up = None if learned is None else torch.as_tensor(learned, device=device)
+        if backend is not None:
+            with _weight_swapped(module, source) as holder:
+                kernel = int8_layer(holder, scales, w_bits, backend, up)
+        else:
+            weight = fake_quant_weight(source, scales, w_bits, up)
+    return QuantLayerHook(clock, weight, scale, zero, name, kernel, a_bits or 8, w_bits), backend
+
+
+@contextlib.contextmanager
+def _weight_swapped(module: torch.nn.Module, weight: torch.Tensor) -> Iterator[torch.nn.Module]:
+    """``module`` holding ``weight`` for the block (a kernel reads its weight, bias and geometry from it)."""
+    original = module.weight.data
+    module.weight.data = weight
+    try:
+        yield module
+    finally:
+        module.weight.data = original
+
+
+def _on_grid(codes: np.ndarray, scales: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    grid = torch.as_tensor(codes, device=weight.device).to(torch.float32)
+    return (grid * scales.float().view(-1, *([1] * (grid.dim() - 1)))).to(weight.dtype)
 
 
 _KERNEL_NAMES = {"onednn": "oneDNN", "intmm": "torch._int_mm"}
 
 
-def _backend(config: QuantConfig, module: torch.nn.Module) -> str | None:
-    """The int8 kernel for an 8-bit layer on its device (``config.backend`` permitting), or ``None`` to simulate."""
+def _backend(config: QuantConfig, module: torch.nn.Module, weight_bits: int, act_bits: int) -> str | None:
+    """The int8 kernel for a layer with 8-bit activations on its device (``config.backend`` permitting; 4-bit
+    weights run in it as int8 values in [-8, 7]), or ``None`` to simulate."""
     if config.backend == "fake":
         return None
-    found = int8_backend(module) if config.weight_bits == 8 else None
+    if act_bits != 8:
+        if config.backend != "auto":
+            raise QuantError(
+                f"backend {config.backend!r} cannot run {act_bits}-bit activations: no CPU or CUDA kernel takes "
+                f"them. Use backend='auto' (their layers are then simulated, and diffcache.summary says so) or "
+                "'fake'")
+        return None
+    found = int8_backend(module)
     if config.backend != "auto" and found != config.backend:
         raise QuantError(
-            f"backend {config.backend!r} cannot run this {config.weight_bits}-bit {type(module).__name__} "
-            f"({module.weight.dtype} on {module.weight.device}): 'onednn' runs 8-bit Linear and zero-padded Conv2d "
-            "layers on CPU, 'intmm' 8-bit Linear layers with sizes divisible by 8 on CUDA. Use backend='auto' "
+            f"backend {config.backend!r} cannot run this {weight_bits}-bit {type(module).__name__} "
+            f"({module.weight.dtype} on {module.weight.device}): 'onednn' runs Linear and zero-padded Conv2d "
+            "layers on CPU, 'intmm' Linear layers with sizes divisible by 8 on CUDA. Use backend='auto' "
             "(int8 where it runs, simulation elsewhere) or 'fake'")
     return found
 

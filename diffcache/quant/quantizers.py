@@ -51,10 +51,24 @@ def act_params(low: torch.Tensor, high: torch.Tensor, bits: int = 8) -> tuple[to
     return scale, zero
 
 
+def mse_act_range(values: torch.Tensor, low: float, high: float, bits: int) -> tuple[float, float]:
+    """The range ``ratio * (low, high)`` (ratio 1.0 down to 0.21 by 0.01) whose rounding of ``values`` has the
+    least L2.4 error: the search EfficientDM's naive PTQ start runs per tensor (after LAPQ)."""
+    values = values.float()
+    best, best_error = (low, high), float("inf")
+    for i in range(80):
+        ratio = 1.0 - 0.01 * i
+        scale, zero = act_params(torch.tensor(low * ratio), torch.tensor(high * ratio), bits)
+        error = (fake_quant_act(values, scale, zero, bits) - values).abs().pow(2.4).mean().item()
+        if error < best_error:
+            best, best_error = (low * ratio, high * ratio), error
+    return best
+
+
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """``(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s`` with per-tensor ``s, z``."""
     q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
     return (q - zero) * scale
 
 
-__all__ = ["act_params", "fake_quant_act", "fake_quant_weight", "weight_levels", "weight_scales"]
+__all__ = ["act_params", "fake_quant_act", "mse_act_range", "fake_quant_weight", "weight_levels", "weight_scales"]
