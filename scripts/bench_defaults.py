@@ -20,6 +20,7 @@ from digits_bench import held_out  # scripts/digits_bench.py
 
 import diffcache
 from diffcache.eval.intervals import bootstrap, paired
+from diffcache.eval.memory import PeakRSS, format_mib
 from diffcache.eval.metrics import psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import CostModel
@@ -34,6 +35,14 @@ OPTIONS = {"dp": {}, "ecad": {"population": 8, "generations": 3}}
 
 def images(pipe, labels: list[int]) -> np.ndarray:
     return np.asarray(pipe(**held_out(labels, NUM_INFERENCE_STEPS)).images)
+
+
+def scored(pipe, schedule, labels: list[int], full: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """Per-image PSNR vs ``full`` of ``schedule``'s images, and the process's peak RSS while it ran (accelerate
+    included), measured the same way for every row."""
+    with PeakRSS() as peak, diffcache.accelerated(pipe, schedule):
+        values = psnr_per_image(images(pipe, labels), full)
+    return values, peak.bytes
 
 
 def bench(name: str, methods: list[str], budget: float) -> str:
@@ -52,30 +61,29 @@ def bench(name: str, methods: list[str], budget: float) -> str:
                                     **OPTIONS[method])
         seconds = time.perf_counter() - start
         arena = schedule.meta["arena"]
-        with diffcache.accelerated(pipe, schedule):
-            per_image[method] = psnr_per_image(images(pipe, labels), full)
-        rows.append((f"{method} (defaults) -> {arena['chosen']}", schedule, per_image[method],
+        per_image[method], peak = scored(pipe, schedule, labels, full)
+        rows.append((f"{method} (defaults) -> {arena['chosen']}", schedule, per_image[method], peak,
                      f"{seconds:.0f} s search"))
         best = arena["best_preset"]  # the final round's best preset on the calibration set, scored here too
         label = f"best preset of {method}'s final round: {best['label']}"
         if best["label"] not in per_image:
-            with diffcache.accelerated(pipe, diffcache.Schedule.from_dict(best["schedule"])):
-                per_image[best["label"]] = psnr_per_image(images(pipe, labels), full)
-            rows.append((label, diffcache.Schedule.from_dict(best["schedule"]), per_image[best["label"]], ""))
+            plan = diffcache.Schedule.from_dict(best["schedule"])
+            per_image[best["label"]], peak = scored(pipe, plan, labels, full)
+            rows.append((label, plan, per_image[best["label"]], peak, ""))
         compared.setdefault(method, []).append(best["label"])
     for tag in PRESETS[name]:
         plan = diffcache.schedules.presets.from_tag(tag, diffcache.adapters.denoiser_of(pipe), NUM_INFERENCE_STEPS)
-        with diffcache.accelerated(pipe, plan):
-            per_image[tag] = psnr_per_image(images(pipe, labels), full)
-        rows.append((tag, plan, per_image[tag], ""))
+        per_image[tag], peak = scored(pipe, plan, labels, full)
+        rows.append((tag, plan, per_image[tag], peak, ""))
     lines = [f"**{name}** (50 held-out images, seed 1000; search on labels 0-9 at seed 0, MACs budget {budget})", "",
-             "| schedule | recompute fraction | MACs fraction | PSNR vs full dB [95%] | note |", "|---|---|---|---|---|"]
-    for label, plan, values, note in rows:
+             "| schedule | recompute fraction | MACs fraction | PSNR vs full dB [95%] | peak RSS MiB | note |",
+             "|---|---|---|---|---|---|"]
+    for label, plan, values, peak, note in rows:
         interval = bootstrap(values)
         macs = costs[plan.granularity].fraction(plan)
         fits = "fits" if macs <= budget + 1e-9 else "over budget"
         lines.append(f"| {label} | {plan.recompute_fraction:.2f} | {macs:.3f} ({fits}) | "
-                     f"{interval.mean:.2f} [{interval.low:.2f}, {interval.high:.2f}] | {note} |")
+                     f"{interval.mean:.2f} [{interval.low:.2f}, {interval.high:.2f}] | {format_mib(peak)} | {note} |")
     lines += ["", "| searched - preset (paired, same images) | PSNR difference dB [95%] | verdict |", "|---|---|---|"]
     for method in methods:
         for tag in [*compared.get(method, []), *PRESETS[name]]:

@@ -30,6 +30,7 @@ from side_by_side import time_side_by_side  # scripts/side_by_side.py
 import diffcache
 from diffcache.adapters import denoiser_of
 from diffcache.eval.bench import compare_methods
+from diffcache.eval.memory import format_mib
 from diffcache.eval.metrics import accuracy, fid, psnr
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.quant import QuantCalibration, QuantConfig, calibrate, quantizable_layers
@@ -87,14 +88,14 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
         f"**{name}** ({len(labels)} held-out images, {NUM_INFERENCE_STEPS} DDIM steps, 1 thread; {note}; "
         f"quantized layers' weights {float_bytes / 2**20:.2f} MiB fp32 -> {int8_bytes / 2**20:.2f} MiB int8)",
         "",
-        "| method | measured speedup | CPU-time speedup | FID (digits) | accuracy | PSNR vs fp32 dB |",
-        "|---|---|---|---|---|---|",
+        "| method | measured speedup | CPU-time speedup | FID (digits) | accuracy | PSNR vs fp32 dB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         method = "fp32" if r.method == "full" else r.method
         lines.append(f"| {method} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | {fid(r.images, real, classifier):.2f} "
                      f"| {accuracy(r.images, labels, classifier):.1%} | "
-                     f"{r.psnr_db if math.isfinite(r.psnr_db) else 100:.1f} |")
+                     f"{r.psnr_db if math.isfinite(r.psnr_db) else 100:.1f} | {format_mib(r.peak_rss)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,15 +144,15 @@ def bench_large(name: str, args: argparse.Namespace) -> str:
         f"{note})",
         "",
         f"| method | denoiser weights MiB | warm-up s (2 runs) | median s | CPU s | vs fp32 | vs {reference} | "
-        "PSNR vs fp32 dB |",
-        "|---|---|---|---|---|---|---|---|",
+        "PSNR vs fp32 dB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, t in timed.items():
         quality = psnr(t.images, timed["fp32"].images)
         mib = _resident_weight_bytes(denoiser_of(variants[label])) / 2**20
         lines.append(f"| {label} | {mib:.0f} | {t.warmup_s:.1f} | {t.wall_s:.2f} | {t.cpu_s:.2f} | "
                      f"{timed['fp32'].wall_s / t.wall_s:.2f}x | {timed[reference].wall_s / t.wall_s:.2f}x | "
-                     f"{quality if math.isfinite(quality) else 100:.1f} |")
+                     f"{quality if math.isfinite(quality) else 100:.1f} | {format_mib(t.peak_rss)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,7 @@ from diffcache.errors import MissingExtraError
 from diffcache.eval.baselines import BaselineUnavailable, cache_dit_cache, diffusers_cache, mag_ratios
 from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.intervals import bootstrap, paired
+from diffcache.eval.memory import format_mib
 from diffcache.eval.metrics import accuracy, fid, psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import Budget, CostModel
@@ -196,8 +197,9 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
              f"{GUIDANCE_SCALE}; searches on {len(calibration)} labels at seed 0 with their defaults, each at the "
              f"price of the baseline's compute pattern; 1 thread)", "",
              "| cache (diffusers / cache-dit) | its speedup | its PSNR dB [95%] / FID / acc | search (defaults) at its price | "
-             "speedup | PSNR dB [95%] / FID / acc | search - cache, PSNR dB [95%, paired] | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "speedup | PSNR dB [95%] / FID / acc | search - cache, PSNR dB [95%, paired] | verdict | "
+             "peak RSS MiB (cache / search) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for title in contexts:
         base = by[title]
         for method, schedule in searched.get(title, {}).items():
@@ -209,7 +211,8 @@ def bench_model(name: str, args: argparse.Namespace, classifier, real) -> str:
             lines.append(f"| {title} | {base.speedup:.2f}x | {_quality(per_image[title], scores[title])} | "
                          f"{method} -> {schedule.meta.get('arena', {}).get('chosen', label(schedule))} | "
                          f"{ours.speedup:.2f}x | {_quality(per_image[ours.method], scores[ours.method])} | "
-                         f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] | {verdict} |")
+                         f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] | {verdict} | "
+                         f"{format_mib(base.peak_rss)} / {format_mib(ours.peak_rss)} |")
     macs = {r.method: r.macs_speedup for r in rows}
     lines += ["", "Search cost (1 torch thread, calibration reused across budgets): " + "; ".join(
         f"{m}: first budget {c[0] / 60:.1f} CPU-min, each further {np.median(c[1:]) / 60 if len(c) > 1 else math.nan:.1f}"

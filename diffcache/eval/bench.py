@@ -3,7 +3,9 @@
 Runs are alternated (full, method 1, method 2, ..., full, ...) after one warm-up each, and the median of
 wall and CPU time is reported, because a shared machine makes single timings unreliable. Two ideal speedups
 come from the cost model: the denoiser's MAC reduction turned into an end-to-end bound (Amdahl, with the
-measured denoiser share), and the measured latency of the reused modules taken off the full run.
+measured denoiser share), and the measured latency of the reused modules taken off the full run. Each method's
+peak RSS is the process's most resident memory while that method ran (its context entered, every round, warm-up
+included; `diffcache.eval.memory.PeakRSS`): one process, so it counts what every method before it left loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..data import generate
 from ..schedules.presets import build_from_tag, parse_tag, resample, tag_of
 from .cost import profile_latency, profile_macs
 from .intervals import Interval, bootstrap, paired
+from .memory import PeakRSS, format_mib
 from .metrics import psnr, psnr_per_image
 
 FULL = "full"
@@ -37,7 +40,8 @@ class BenchRow:
 
     ``macs_speedup`` is the denoiser's MAC reduction; ``ideal_macs`` turns it into an end-to-end bound with the
     denoiser's share of pipeline time (Amdahl); ``ideal_latency`` instead removes the measured time of the
-    reused modules, which also counts work without MACs (norms, gates) that reuse steps still do.
+    reused modules, which also counts work without MACs (norms, gates) that reuse steps still do. ``peak_rss``:
+    the process's peak resident bytes during this method's runs (None where not measurable).
     """
 
     method: str
@@ -52,6 +56,7 @@ class BenchRow:
     psnr_db: float
     images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     psnr_images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    peak_rss: int | None = None
 
     @property
     def psnr_interval(self) -> Interval | None:
@@ -95,14 +100,17 @@ def compare_methods(
     images: dict[str, np.ndarray] = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, int | None] = dict.fromkeys(methods)
     bar = tqdm(total=(repeats + 1) * len(methods), desc="bench (warm-up round first)", disable=not progress)
     for round_index in range(repeats + 1):
         for method in methods:  # round 0 is the warm-up; methods alternate within every round
             bar.set_postfix_str(f"round {round_index}/{repeats}: {method}")
-            with contexts[method]():
+            with PeakRSS() as peak, contexts[method]():
                 w0, c0 = time.perf_counter(), time.process_time()
                 out = generate(pipe, make_kwargs())
                 w1, c1 = time.perf_counter(), time.process_time()
+            if peak.bytes is not None:
+                peaks[method] = max(peaks[method] or 0, peak.bytes)
             if round_index == 0:
                 images[method] = np.asarray(out)
             else:
@@ -135,7 +143,7 @@ def compare_methods(
         rows.append(
             BenchRow(method, num_steps, w, c, full_wall / w, full_cpu / c, macs_speedup, ideal_macs, ideal_latency,
                      psnr(images[method], images[FULL]), images[method],
-                     psnr_per_image(images[method], images[FULL]))
+                     psnr_per_image(images[method], images[FULL]), peaks[method])
         )
     return rows
 
@@ -194,13 +202,13 @@ def format_table(title: str, rows: Sequence[BenchRow]) -> str:
         f"**{title}**",
         "",
         "| method | steps | median s | speedup | CPU-time speedup | MACs speedup (denoiser) | ideal e2e (MACs) "
-        "| of ideal (MACs) | ideal e2e (latency) | of ideal (latency) | PSNR dB vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of ideal (MACs) | ideal e2e (latency) | of ideal (latency) | PSNR dB vs full | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.method} | {r.num_steps} | {r.wall_s:.3f} | {r.speedup:.2f}x | {r.cpu_speedup:.2f}x | "
             f"{r.macs_speedup:.2f}x | {r.ideal_macs:.2f}x | {r.speedup / r.ideal_macs:.0%} | "
-            f"{r.ideal_latency:.2f}x | {r.speedup / r.ideal_latency:.0%} | {psnr_cell(r)} |"
+            f"{r.ideal_latency:.2f}x | {r.speedup / r.ideal_latency:.0%} | {psnr_cell(r)} | {format_mib(r.peak_rss)} |"
         )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import torch
 
 from ..schedules.search import search
 from .bench import FULL, BenchRow, compare_methods, label, psnr_cell, psnr_difference
+from .memory import format_mib
 from .metrics import accuracy, fid
 from .plots import front_plot, image_grid
 
@@ -93,15 +94,16 @@ def _table(name: str, rows: list[BenchRow], scores: dict[str, tuple[float, float
     lines = [
         f"**{name}** ({num_images} images per method, {rows[0].num_steps} DDIM steps, batch {num_images} + CFG)",
         "",
-        "| method | MACs speedup | measured speedup | ideal (latency) | FID (digits) | accuracy | PSNR vs full dB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | MACs speedup | measured speedup | ideal (latency) | FID (digits) | accuracy | PSNR vs full dB "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frechet, acc = scores[r.method]
         method = "full (no cache)" if r.method == FULL else r.method
         macs, ideal = (f"{v:.2f}x" if math.isfinite(v) else "n/a" for v in (r.macs_speedup, r.ideal_latency))
         lines.append(f"| {method} | {macs} | {r.speedup:.2f}x | {ideal} | {frechet:.1f} | {acc:.1%} | "
-                     f"{psnr_cell(r)} |")
+                     f"{psnr_cell(r)} | {format_mib(r.peak_rss)} |")
     lines += ["", front_check(searched, presets)]
     return "\n".join(lines)
 
