@@ -15,6 +15,7 @@ from ..errors import QuantError
 from .calibration import QuantCalibration, calibrate, quantizable_layers
 from .config import PRESETS, QuantConfig
 from .correction import CacheCorrection, fit_cache_correction
+from .efficientdm import distillation_loss, finetune
 
 
 def resolve_quant(quant: QuantConfig | QuantCalibration | str | os.PathLike | None
@@ -31,5 +32,6 @@ def resolve_quant(quant: QuantConfig | QuantCalibration | str | os.PathLike | No
                      f"got {type(quant).__name__}")
 
 
-__all__ = ["PRESETS", "CacheCorrection", "QuantCalibration", "QuantConfig", "calibrate", "fit_cache_correction",
+__all__ = ["PRESETS", "CacheCorrection", "QuantCalibration", "QuantConfig", "calibrate", "distillation_loss",
+           "finetune", "fit_cache_correction",
            "quantizable_layers", "resolve_quant"]

@@ -74,6 +74,7 @@ class QuantCalibration:
     act: np.ndarray | None = None
     method: str = "ptq"
     training: dict = field(default_factory=dict)
+    weights: np.ndarray | None = None  # `weight_sample` of the model calibrated (None: files from before)
 
     @property
     def num_steps(self) -> int:
@@ -91,6 +92,14 @@ class QuantCalibration:
         if self.act is not None:
             digest.update(np.ascontiguousarray(self.act, dtype=np.float32).tobytes())
         return digest.hexdigest()[:16]
+
+    def made_on(self, denoiser: torch.nn.Module) -> bool:
+        """Whether ``denoiser`` holds the weights this calibration was made on (to bf16 precision, so a bf16 copy
+        of the model matches its float32 calibration); True when the file predates the check."""
+        if self.weights is None:
+            return True
+        current = weight_sample(denoiser)
+        return current.shape == self.weights.shape and np.allclose(current, self.weights, rtol=1e-2, atol=1e-5)
 
     def layer_bits(self) -> list[tuple[int, int | None]]:
         """``(weight_bits, act_bits)`` per layer, in `layers` order."""
@@ -111,7 +120,8 @@ class QuantCalibration:
                   "data_key": self.data_key, "temporal": list(self.temporal),
                   "rounding": {name: list(up.shape) for name, up in self.rounding.items()},
                   "scales": list(self.scales), "codes": {name: list(c.shape) for name, c in self.codes.items()},
-                  "act": self.act is not None, "method": self.method, "training": self.training}
+                  "act": self.act is not None, "method": self.method, "training": self.training,
+                  "weights": self.weights is not None}
         tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
                   for j, kind in enumerate(("tin", "tout"))}
         tables |= {f"round_{i}": np.packbits(up) for i, up in enumerate(self.rounding.values())}
@@ -119,6 +129,8 @@ class QuantCalibration:
         tables |= {f"codes_{i}": _pack_codes(c) for i, c in enumerate(self.codes.values())}
         if self.act is not None:
             tables["act"] = self.act
+        if self.weights is not None:
+            tables["weights"] = self.weights
         save_npz(path, _FORMAT, header, {"ranges": self.ranges, **tables})
 
     @classmethod
@@ -134,8 +146,9 @@ class QuantCalibration:
             codes = {name: _unpack_codes(data[f"codes_{i}"], shape)
                      for i, (name, shape) in enumerate(header.get("codes", {}).items())}
             act = data["act"] if header.get("act") else None
+            weights = data["weights"] if header.get("weights") else None
             return cls(config, header["model"], header["layers"], data["ranges"], header["data_key"], temporal,
-                       rounding, scales, codes, act, header.get("method", "ptq"), header.get("training", {}))
+                       rounding, scales, codes, act, header.get("method", "ptq"), header.get("training", {}), weights)
         except FileNotFoundError:
             raise QuantError(f"no quantization calibration at {os.fspath(path)!r}; create it with "
                              "`diffcache quantize` or diffcache.quant.calibrate(pipe, prompts)") from None
@@ -236,7 +249,21 @@ def calibrate(
     with torch.no_grad():
         scales = {name: weight_scales(module.weight, w, config.weight_range).cpu().numpy().astype(np.float32)
                   for (name, module), (w, _) in zip(layers, bits)}
-    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding, scales)
+    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding, scales,
+                            weights=weight_sample(denoiser))
+
+
+def weight_sample(denoiser: torch.nn.Module, per_tensor: int = 16) -> np.ndarray:
+    """``per_tensor`` evenly strided values of every parameter (float32): enough to tell two checkpoints of one
+    architecture apart, small enough to keep in every calibration."""
+    values = []
+    with torch.no_grad():
+        for parameter in denoiser.parameters():
+            flat = parameter.detach().reshape(-1)
+            if flat.numel():
+                index = torch.linspace(0, flat.numel() - 1, per_tensor, device=flat.device).long()
+                values.append(flat[index].float().cpu())
+    return torch.cat(values).numpy() if values else np.zeros(0, np.float32)
 
 
 def _learned_rounding(layer: torch.nn.Linear, rows: dict, ranges: np.ndarray, config: QuantConfig, name: str
@@ -303,4 +330,4 @@ def _unpack_codes(stored: np.ndarray, shape: list[int]) -> np.ndarray:
     return np.where(flat > 7, flat - 16, flat).astype(np.int8).reshape(shape)
 
 
-__all__ = ["QuantCalibration", "calibrate", "quantizable_layers", "temporal_modules"]
+__all__ = ["QuantCalibration", "calibrate", "quantizable_layers", "temporal_modules", "weight_sample"]

@@ -1,13 +1,17 @@
 """Quantized execution: each quantized layer's hook runs it with the current step's activation range.
 
-Real int8 kernels (`diffcache.kernels`: ``onednn`` for Linear and Conv2d on CPU, ``intmm`` for Linear on CUDA)
-and ``fake`` give the same numbers: ``fake`` simulates (rounds the input, runs the layer with weights rounded once, in
-floating point: slower than float, and reported as simulation). 4-bit and weight-only configs are simulated.
+Real integer kernels (`diffcache.kernels`: ``onednn`` for Linear and Conv2d on CPU, ``intmm`` for Linear on CUDA,
+``int4``, packed 4-bit Linear weights on CPU) and ``fake`` give the same numbers: ``fake`` simulates (rounds the
+input, runs the layer with weights rounded once, in floating point: slower than float, and reported as simulation).
+4-bit Conv2d weights run in the int8 convolution as values in [-8, 7]; 4-bit activations run only in `Int4Linear`
+(Conv2d layers with them, and weight-only configs, are simulated).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -19,12 +23,14 @@ from diffusers.hooks.hooks import ModelHook
 
 from ..adapters import Adapter
 from ..errors import AccelerationStateError, QuantError
-from ..kernels import BACKENDS, Int8Kernel, int8_backend, int8_layer
+from ..kernels import BACKENDS, Int4Linear, Int8Kernel, int4_supports, int8_backend, int8_layer
 from ..runtime import Executor
 from .calibration import QuantCalibration, temporal_modules
 from .config import quantizable_layers
 from .config import QuantConfig
 from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
+
+logger = logging.getLogger(__name__)
 
 
 class QuantLayerHook(ModelHook):
@@ -103,7 +109,7 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     """One hook per quantized layer (plus the temporal lookups), and a line saying what runs how. A config
     without a calibration only works weight-only."""
     if isinstance(quant, QuantCalibration):
-        quant.check(adapter)
+        quant = _for_these_weights(quant, adapter)
         config = quant.config
     else:
         config = quant
@@ -119,7 +125,7 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     for index, (name, module) in enumerate(layers):
         hook, backend = layer_hook(module, name, index, len(layers), quant, clock)
         counts[backend or "fake"] += 1
-        counts["w4"] += backend is not None and hook.weight_bits == 4
+        counts["w4"] += backend in BACKENDS and hook.weight_bits == 4
         hooks.append((module, hook))
     if isinstance(quant, QuantCalibration) and config.temporal_lookup:
         modules = dict(temporal_modules(adapter.denoiser))
@@ -129,12 +135,32 @@ def quant_hooks(adapter: Adapter, quant: QuantConfig | QuantCalibration, clock: 
     lookups = len(hooks) - len(layers)
     real = ", ".join(f"{counts[b]} layers int8 ({_KERNEL_NAMES[b]})" for b in BACKENDS if counts[b])
     real += f" ({counts['w4']} of them 4-bit weights in int8 kernels)" if counts["w4"] else ""
+    if counts["int4"]:
+        real += (", " if real else "") + f"{counts['int4']} packed int4 (torch._int_mm)"
     mib = sum(hook.nbytes for _, hook in hooks if isinstance(hook, QuantLayerHook)) / 2**20
     method = "" if not isinstance(quant, QuantCalibration) or quant.method == "ptq" else f" {quant.method}"
     note = (f"{config.name}{method}: {real or '0 layers int8'}, {counts['fake']} simulated (fake quantization)"
             + (f", {lookups} timestep MLPs from a full-precision table" if lookups else "")
             + f"; quantized weights {mib:.1f} MiB")
     return hooks, note
+
+
+def _for_these_weights(calibration: QuantCalibration, adapter: Adapter) -> QuantCalibration:
+    """``calibration``, checked against ``adapter``'s denoiser; made on other weights of the architecture, a PTQ
+    calibration loses what it derived from them (scales, learned rounding: recomputed by rounding to nearest) with a
+    warning, and a fine-tuned one, whose integers replace those weights, is refused."""
+    calibration.check(adapter)
+    if calibration.made_on(adapter.denoiser):
+        return calibration
+    if calibration.codes:
+        raise QuantError(
+            f"this {calibration.method} calibration was fine-tuned on other weights of {adapter.model_info['class']}; "
+            "its integer weights would replace this model's. Fine-tune again on this model "
+            "(diffcache.quant.finetune or `diffcache quantize --finetune`)")
+    logger.warning("diffcache: this quantization calibration was made on other weights of %s; its activation ranges "
+                   "are kept, its weight scales and learned rounding are recomputed (calibrate on this model for the "
+                   "best quality)", adapter.model_info["class"])
+    return dataclasses.replace(calibration, scales={}, rounding={}, weights=None)
 
 
 def float_weight_bytes(hooks: list[tuple[torch.nn.Module, ModelHook]]) -> int:
@@ -181,7 +207,9 @@ def layer_hook(module: torch.nn.Module, name: str, index: int, count: int, quant
         backend = _backend(config, module, w_bits, a_bits) if scale is not None else None
         learned = calibration.rounding.get(name) if calibration is not None and codes is None else None
         up = None if learned is None else torch.as_tensor(learned, device=device)
-        if backend is not None:
+        if backend == "int4":
+            kernel = Int4Linear(source, scales, module.bias, w_bits, up, act_bits=a_bits)
+        elif backend is not None:
             with _weight_swapped(module, source) as holder:
                 kernel = int8_layer(holder, scales, w_bits, backend, up)
         else:
@@ -209,16 +237,21 @@ _KERNEL_NAMES = {"onednn": "oneDNN", "intmm": "torch._int_mm"}
 
 
 def _backend(config: QuantConfig, module: torch.nn.Module, weight_bits: int, act_bits: int) -> str | None:
-    """The int8 kernel for a layer with 8-bit activations on its device (``config.backend`` permitting; 4-bit
-    weights run in it as int8 values in [-8, 7]), or ``None`` to simulate."""
+    """The integer kernel for a layer on its device (``config.backend`` permitting), or ``None`` to simulate.
+
+    With ``"auto"``, 4-bit Linear weights on CPU run packed in `Int4Linear` (half of int8's bytes; with 8- or
+    4-bit activations), other 4-bit weights in the int8 kernels as values in [-8, 7]; 4-bit activations have
+    no other kernel. A forced ``"onednn"``/``"intmm"`` runs 4-bit weights in int8 storage."""
     if config.backend == "fake":
         return None
+    if config.backend == "auto" and weight_bits == 4 and int4_supports(module):
+        return "int4"
     if act_bits != 8:
         if config.backend != "auto":
             raise QuantError(
-                f"backend {config.backend!r} cannot run {act_bits}-bit activations: no CPU or CUDA kernel takes "
-                f"them. Use backend='auto' (their layers are then simulated, and diffcache.summary says so) or "
-                "'fake'")
+                f"backend {config.backend!r} cannot run {act_bits}-bit activations: no CPU or CUDA int8 kernel takes "
+                f"them (only the packed 4-bit Linear of backend='auto' does). Use backend='auto' (other layers are "
+                "then simulated, and diffcache.summary says so) or 'fake'")
         return None
     found = int8_backend(module)
     if config.backend != "auto" and found != config.backend:
