@@ -95,10 +95,21 @@ def _quantize(args: argparse.Namespace) -> int:
     calibration = calibrate(pipe, conditions, args.config, schedule=args.schedule, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
                             progress=not args.quiet)
-    calibration.save(args.out)
     widths = calibration.ranges[..., 1] - calibration.ranges[..., 0]
     print(f"{calibration.config.name}: {len(calibration.layers)} layers, {calibration.num_steps} steps; input "
           f"ranges vary up to {float((widths.max(1) / widths.min(1).clip(1e-12)).max()):.1f}x across steps")
+    if args.finetune:
+        from .quant import finetune
+
+        # the checkpoint sits beside the output: rerunning the same command after an interruption resumes
+        checkpoint = args.checkpoint or f"{args.out}.ckpt.npz"
+        calibration = finetune(pipe, conditions, calibration, epochs=args.finetune, rank=args.rank,
+                               guidance_scale=args.guidance, seed=args.seed, lr_scale=args.lr_scale,
+                               checkpoint=checkpoint, progress=not args.quiet)
+        losses = calibration.training["losses"]
+        print(f"EfficientDM: {args.finetune} epochs in {calibration.training['seconds']:.0f} s, distillation loss "
+              f"{losses[0]:.3g} (first epoch) -> {losses[-1]:.3g} (last); checkpoint {checkpoint}")
+    calibration.save(args.out)
     print(f"wrote {args.out}; use it with: diffcache run --pipeline {args.pipeline} --schedule ... --quant {args.out}")
     return 0
 
@@ -319,12 +330,21 @@ def _parser() -> argparse.ArgumentParser:
         help="calibrate post-training quantization (per-step activation ranges) on your prompts",
         description="Runs the pipeline on the prompts (or class ids) in PROMPTS and records every Linear/Conv2d "
         "input range at every step; writes a calibration that `run --quant` and accelerate(pipe, s, quant=...) "
-        "load. Calibrate with the step count, guidance and cache schedule you will deploy with.",
-        epilog="Example: diffcache quantize --pipeline digits-dit --prompts labels.txt --config w8a8 --out w8a8.npz",
+        "load. Calibrate with the step count, guidance and cache schedule you will deploy with. With --finetune, "
+        "the quantized model is then distilled from the float one (EfficientDM), which 4-bit configs need.",
+        epilog="Examples: diffcache quantize --pipeline digits-dit --prompts labels.txt --config w8a8 --out w8a8.npz; "
+        "diffcache quantize --pipeline digits-unet --prompts labels.txt --config w4a8 --finetune 160 --out w4a8-ft.npz",
     )
     _pipeline_args(quantize)
     quantize.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
-    quantize.add_argument("--config", default="w8a8", help="w8a8 (default) or w4a8")
+    quantize.add_argument("--config", default="w8a8", help="w8a8 (default), w4a8 or w4a4")
+    quantize.add_argument("--finetune", type=_count, default=None, metavar="EPOCHS",
+                          help="then fine-tune the quantized model with EfficientDM (QALoRA + per-step activation "
+                          "quantizers) for EPOCHS float-model trajectories; best below 8 bits")
+    quantize.add_argument("--rank", type=_count, default=32, help="--finetune: LoRA rank (default 32)")
+    quantize.add_argument("--lr-scale", type=float, default=1.0, help="--finetune: LoRA learning-rate multiplier")
+    quantize.add_argument("--checkpoint", default=None,
+                          help="--finetune: training checkpoint, resumed if present (default OUT.ckpt.npz)")
     quantize.add_argument("--schedule", default=None, help="calibrate on this schedule's cached trajectory")
     quantize.add_argument("--out", required=True, help="calibration .npz to write")
     quantize.add_argument("--batch-size", type=_count, default=8, help="images per call (default 8)")
