@@ -3,6 +3,7 @@
 import pytest
 
 from diffcache.cli import main
+from diffcache.quant import QuantCalibration
 from diffcache.testing import build_pipeline
 from diffcache.schedules.presets import from_tag
 
@@ -78,6 +79,23 @@ def test_quantize_then_run_quantized(tmp_path, capsys):
         main(["quantize", "--pipeline", str(tmp_path / "dit"), "--prompts", str(tmp_path / "none.txt"),
               "--out", str(calibration)])
     assert exc.value.code == 2
+
+
+def test_quantize_finetune_writes_a_finetuned_calibration_and_resumes(tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n2\n3\n")
+    out = tmp_path / "w4a8-ft.npz"
+    argv = ["quantize", "--pipeline", "digits-unet", "--prompts", str(labels), "--steps", "3", "--config", "w4a8",
+            "--finetune", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "EfficientDM: 2 epochs" in printed and (tmp_path / "w4a8-ft.npz.ckpt.npz").exists()
+    first = QuantCalibration.load(out)
+    assert first.method == "efficientdm" and first.training["epochs_done"] == 2
+    assert main(argv) == 0  # the checkpoint holds all epochs: resumed, nothing retrained, the same result
+    assert QuantCalibration.load(out).key == first.key
+    assert main(argv[:-4] + ["--finetune", "2", "--lr-scale", "0", "--out", str(tmp_path / "x.npz")]) == 1
+    assert "lr_scale > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
