@@ -333,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
         "load. Calibrate with the step count, guidance and cache schedule you will deploy with. With --finetune, "
         "the quantized model is then distilled from the float one (EfficientDM), which 4-bit configs need.",
         epilog="Examples: diffcache quantize --pipeline digits-dit --prompts labels.txt --config w8a8 --out w8a8.npz; "
-        "diffcache quantize --pipeline digits-unet --prompts labels.txt --config w4a8 --finetune 160 --out w4a8-ft.npz",
+        "diffcache quantize --pipeline digits-unet --prompts labels.txt --config w4a8 --finetune 80 --out w4a8-ft.npz",
     )
     _pipeline_args(quantize)
     quantize.add_argument("--prompts", required=True, help="calibration prompts / class ids, one per line")
@@ -342,7 +342,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="then fine-tune the quantized model with EfficientDM (QALoRA + per-step activation "
                           "quantizers) for EPOCHS float-model trajectories; best below 8 bits")
     quantize.add_argument("--rank", type=_count, default=32, help="--finetune: LoRA rank (default 32)")
-    quantize.add_argument("--lr-scale", type=float, default=1.0, help="--finetune: LoRA learning-rate multiplier")
+    quantize.add_argument("--lr-scale", type=float, default=32.0,
+                          help="--finetune: multiplier of the paper's LoRA learning rate (default 32, for ~80 epochs)")
     quantize.add_argument("--checkpoint", default=None,
                           help="--finetune: training checkpoint, resumed if present (default OUT.ckpt.npz)")
     quantize.add_argument("--schedule", default=None, help="calibrate on this schedule's cached trajectory")
