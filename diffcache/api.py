@@ -122,7 +122,7 @@ def accelerate(
     if quant is not None:
         # The float weights just freed and the float copies the kernels were prepared from (and a calibration's
         # temporaries) sit as free blocks in glibc's heap, resident until trimmed: 1.4-1.9 GB at SD1.5 size.
-        from .eval.memory import trim_heap
+        from .memory import trim_heap
 
         freed = trim_heap()
         if freed:

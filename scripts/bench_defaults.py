@@ -20,7 +20,7 @@ from digits_bench import held_out  # scripts/digits_bench.py
 
 import diffcache
 from diffcache.eval.intervals import bootstrap, paired
-from diffcache.eval.memory import PeakRSS, format_mib
+from diffcache.memory import PeakRSS, format_mib
 from diffcache.eval.metrics import psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import CostModel

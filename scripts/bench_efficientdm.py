@@ -30,7 +30,7 @@ from digits_bench import held_out  # scripts/digits_bench.py
 import diffcache
 from diffcache.eval.bench import compare_methods
 from diffcache.eval.intervals import bootstrap, paired
-from diffcache.eval.memory import format_mib
+from diffcache.memory import format_mib
 from diffcache.eval.metrics import as_tensor, fid
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_classifier, load_pipeline, real_digits
 from diffcache.quant import QuantCalibration, calibrate, finetune, quantizable_layers

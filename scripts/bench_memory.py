@@ -1,5 +1,5 @@
 """Resident memory of the SD1.5-size UNet pipeline (860M random weights, 256 px) in fp32 and W8A8 int8, in one
-process: RSS (``VmRSS``) after each stage and the peak during it (`diffcache.eval.memory.PeakRSS`).
+process: RSS (``VmRSS``) after each stage and the peak during it (`diffcache.memory.PeakRSS`).
 
 Stages: build, fp32 generations (the reference), W8A8 calibration on 2 prompts, ``accelerate(quant=...)`` with the
 float weights released, int8 generations. The check: RSS after the last int8 generation within 5% of after the
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 import diffcache
-from diffcache.eval import memory
-from diffcache.eval.memory import PeakRSS, format_mib, rss_bytes, trim_heap
+from diffcache import memory
+from diffcache.memory import PeakRSS, format_mib, rss_bytes, trim_heap
 from diffcache.quant import QuantCalibration, calibrate
 from diffcache.testing import build_pipeline, call_kwargs
 

@@ -30,7 +30,7 @@ from side_by_side import time_side_by_side  # scripts/side_by_side.py
 import diffcache
 from diffcache.adapters import denoiser_of
 from diffcache.eval.bench import compare_methods
-from diffcache.eval.memory import format_mib
+from diffcache.memory import format_mib
 from diffcache.eval.metrics import accuracy, fid, psnr
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.quant import QuantCalibration, QuantConfig, calibrate, quantizable_layers

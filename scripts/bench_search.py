@@ -34,7 +34,7 @@ from diffcache.errors import MissingExtraError
 from diffcache.eval.baselines import BaselineUnavailable, cache_dit_cache, diffusers_cache, mag_ratios
 from diffcache.eval.bench import compare_methods, label
 from diffcache.eval.intervals import bootstrap, paired
-from diffcache.eval.memory import format_mib
+from diffcache.memory import format_mib
 from diffcache.eval.metrics import accuracy, fid, psnr_per_image
 from diffcache.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, load_pipeline
 from diffcache.schedules.budget import Budget, CostModel

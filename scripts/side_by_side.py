@@ -1,7 +1,7 @@
 """Timing several ways of running a generation in one process: warm-up first (compile included), then the
 ways alternated round by round, median wall and CPU time (a busy period on a shared machine hits all of them), and
 each way's peak RSS: the process's most resident memory during its calls, warm-ups included
-(`diffcache.eval.memory.PeakRSS`; one process, so it includes whatever every way keeps loaded)."""
+(`diffcache.memory.PeakRSS`; one process, so it includes whatever every way keeps loaded)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffcache.eval.memory import PeakRSS
+from diffcache.memory import PeakRSS
 
 
 @dataclass

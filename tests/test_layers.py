@@ -16,7 +16,7 @@ ROOT = Path(diffcache.__file__).parent
 # Lowest first. A module may import its own layer and those below it; the two arrows that run back up are
 # named in UPWARD with the reason docs/ARCHITECTURE.md gives.
 LAYERS = [
-    ("base", ["errors", "optional", "registry", "files", "data", "loading"]),
+    ("base", ["errors", "optional", "registry", "files", "data", "loading", "memory"]),
     ("plan", ["schedule"]),
     ("families", ["adapters"]),
     ("kernels", ["kernels"]),

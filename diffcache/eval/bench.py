@@ -5,7 +5,7 @@ wall and CPU time is reported, because a shared machine makes single timings unr
 come from the cost model: the denoiser's MAC reduction turned into an end-to-end bound (Amdahl, with the
 measured denoiser share), and the measured latency of the reused modules taken off the full run. Each method's
 peak RSS is the process's most resident memory while that method ran (its context entered, every round, warm-up
-included; `diffcache.eval.memory.PeakRSS`): one process, so it counts what every method before it left loaded.
+included; `diffcache.memory.PeakRSS`): one process, so it counts what every method before it left loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..data import generate
 from ..schedules.presets import build_from_tag, parse_tag, resample, tag_of
 from .cost import profile_latency, profile_macs
 from .intervals import Interval, bootstrap, paired
-from .memory import PeakRSS, format_mib
+from ..memory import PeakRSS, format_mib
 from .metrics import psnr, psnr_per_image
 
 FULL = "full"

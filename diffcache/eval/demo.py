@@ -19,7 +19,7 @@ import torch
 
 from ..schedules.search import search
 from .bench import FULL, BenchRow, compare_methods, label, psnr_cell, psnr_difference
-from .memory import format_mib
+from ..memory import format_mib
 from .metrics import accuracy, fid
 from .plots import front_plot, image_grid
 

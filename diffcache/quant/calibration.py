@@ -249,8 +249,12 @@ def calibrate(
     with torch.no_grad():
         scales = {name: weight_scales(module.weight, w, config.weight_range).cpu().numpy().astype(np.float32)
                   for (name, module), (w, _) in zip(layers, bits)}
-    return QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding, scales,
-                            weights=weight_sample(denoiser))
+    calibration = QuantCalibration(config, adapter.model_info, names, ranges, data.key(), temporal, rounding, scales,
+                                   weights=weight_sample(denoiser))
+    from ..memory import trim_heap
+
+    trim_heap()  # the generations' freed activations stay resident in glibc's heap otherwise (~2 GB at SD1.5 size)
+    return calibration
 
 
 def weight_sample(denoiser: torch.nn.Module, per_tensor: int = 16) -> np.ndarray:

@@ -328,6 +328,9 @@ def finetune(
         bar.close()
         for p, flag in grads.items():
             p.requires_grad_(flag)
+    from ..memory import trim_heap
+
+    trim_heap()  # (the training's freed activations and gradients, as after calibrate)
     logger.info("diffcache: EfficientDM %s: %d epochs in %.0f s, loss %.4g -> %.4g", calibration.config.name,
                 epochs, state["seconds"], state["losses"][0], state["losses"][-1])
     return _result(calibration, trained, settings, state)

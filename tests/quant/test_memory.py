@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from diffcache.eval import memory
-from diffcache.eval.memory import PeakRSS, format_mib, rss_bytes
+from diffcache import memory
+from diffcache.memory import PeakRSS, format_mib, rss_bytes
 
 MIB = 2**20
 linux = pytest.mark.skipif(sys.platform != "linux", reason="RSS is read from /proc")
