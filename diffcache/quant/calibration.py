@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, denoiser_of, resolve_adapter
 from ..errors import QuantError
 from ..files import load_npz, save_npz
+from ..kernels.int4 import pack_int4, unpack_int4
 from ..runtime import Executor, planned
 from ..schedule import Schedule
 from ..data import CalibrationData, conditions_from
 from .config import QuantConfig, quantizable_layers
-from .quantizers import mse_act_range, weight_scales
+from .quantizers import act_params, mse_act_range, weight_scales
 from .reconstruction import learn_rounding, temporal_layers
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,15 @@ class QuantCalibration:
         current = weight_sample(denoiser)
         return current.shape == self.weights.shape and np.allclose(current, self.weights, rtol=1e-2, atol=1e-5)
 
+    def act_params(self, index: int) -> np.ndarray:
+        """Layer ``index``'s per-step activation ``(scale, zero_point)``, ``[step, 2]``: the learned ones of a
+        fine-tuned calibration, else those covering the calibrated ranges at the layer's activation bits."""
+        if self.act is not None:
+            return np.asarray(self.act[index], dtype=np.float32)
+        _, bits = self.config.layer_bits(index, len(self.layers))
+        ranges = torch.as_tensor(self.ranges[index], dtype=torch.float32)
+        return torch.stack(act_params(ranges[:, 0], ranges[:, 1], bits or 8), dim=1).numpy()
+
     def layer_bits(self) -> list[tuple[int, int | None]]:
         """``(weight_bits, act_bits)`` per layer, in `layers` order."""
         return [self.config.layer_bits(i, len(self.layers)) for i in range(len(self.layers))]
@@ -121,7 +131,7 @@ class QuantCalibration:
                   "rounding": {name: list(up.shape) for name, up in self.rounding.items()},
                   "scales": list(self.scales), "codes": {name: list(c.shape) for name, c in self.codes.items()},
                   "act": self.act is not None, "method": self.method, "training": self.training,
-                  "weights": self.weights is not None}
+                  "weights": self.weights is not None, "int4_layout": "kernels.int4"}
         tables = {f"{kind}_{i}": pair[j] for i, pair in enumerate(self.temporal.values())
                   for j, kind in enumerate(("tin", "tout"))}
         tables |= {f"round_{i}": np.packbits(up) for i, up in enumerate(self.rounding.values())}
@@ -143,6 +153,11 @@ class QuantCalibration:
             rounding = {name: np.unpackbits(data[f"round_{i}"], count=int(np.prod(shape))).reshape(shape).astype(bool)
                         for i, (name, shape) in enumerate(header.get("rounding", {}).items())}
             scales = {name: data[f"scale_{i}"] for i, name in enumerate(header.get("scales", []))}
+            if header.get("int4_layout") != "kernels.int4" and any(
+                    data[f"codes_{i}"].dtype == np.uint8 for i in range(len(header.get("codes", {})))):
+                # Files written before the packing moved to kernels.int4 hold nibbles in another order.
+                raise ValueError("its 4-bit codes use an older packing; run the fine-tune or `diffcache quantize` "
+                                 "again")
             codes = {name: _unpack_codes(data[f"codes_{i}"], shape)
                      for i, (name, shape) in enumerate(header.get("codes", {}).items())}
             act = data["act"] if header.get("act") else None
@@ -318,20 +333,16 @@ def _range(low: float, high: float, values: torch.Tensor, config: QuantConfig, b
 
 
 def _pack_codes(codes: np.ndarray) -> np.ndarray:
-    """Signed integer weights as int8, or, when all fit in 4 bits, two per byte (low nibble first)."""
-    flat = codes.astype(np.int8).ravel()
-    if flat.size % 2 or flat.min(initial=0) < -8 or flat.max(initial=0) > 7:
-        return flat
-    nibbles = (flat & 0x0F).astype(np.uint8)
-    return nibbles[0::2] | (nibbles[1::2] << 4)
+    """Signed integer weights as int8, or, when all fit in 4 bits, two a byte in `kernels.int4`'s layout."""
+    if codes.size and (codes.min() < -8 or codes.max() > 7):
+        return codes.astype(np.int8).ravel()
+    return pack_int4(torch.from_numpy(codes.astype(np.int8))).numpy()
 
 
 def _unpack_codes(stored: np.ndarray, shape: list[int]) -> np.ndarray:
     if stored.dtype == np.int8:
         return stored.reshape(shape)
-    low, high = (stored & 0x0F).astype(np.int8), (stored >> 4).astype(np.int8)
-    flat = np.stack([low, high], axis=1).ravel()
-    return np.where(flat > 7, flat - 16, flat).astype(np.int8).reshape(shape)
+    return unpack_int4(torch.from_numpy(stored), shape).numpy()
 
 
 __all__ = ["QuantCalibration", "calibrate", "quantizable_layers", "temporal_modules", "weight_sample"]

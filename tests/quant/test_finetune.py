@@ -3,6 +3,7 @@ loss, bad input; and the packed 4-bit kernels end to end."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
 from types import SimpleNamespace
@@ -156,6 +157,14 @@ def test_finetuned_calibration_saves_and_loads_bit_for_bit(unet, tuned, tmp_path
         reloaded = generate(unet)
     assert np.array_equal(direct, reloaded)
     assert "efficientdm" in note and "packed int4" in note
+    # A file from before the packing moved to kernels.int4 (no layout mark) is refused, not misread.
+    with np.load(tmp_path / "ft.npz") as data:
+        arrays = dict(data)
+    header = json.loads(str(arrays["header"]))
+    del header["int4_layout"]
+    np.savez(tmp_path / "old.npz", **(arrays | {"header": np.array(json.dumps(header))}))
+    with pytest.raises(QuantError, match="older packing"):
+        QuantCalibration.load(tmp_path / "old.npz")
 
 
 def test_finetuning_lowers_the_distillation_loss_on_held_out_labels(unet, ptq, tuned):
