@@ -14,7 +14,7 @@ AdamW step on the squared difference of the two outputs (the trajectory advances
 
 Choices of the released code (specs/algorithms.md section 8) kept here: rank 32, ``A`` Kaiming-uniform and ``B``
 zero, LoRA learning rate per layer = its mean weight step size / 2500 (scale-aware), weight step sizes 1e-6,
-TALSQ 5e-4, linear decay without warm-up, first and last layers at 8 bits (``QuantConfig.edge_bits``).
+zero points 5e-4, linear decay without warm-up, first and last layers at 8 bits (``QuantConfig.edge_bits``).
 Differences, each for a reason:
 
 - The loss is on the denoiser's raw output, both classifier-free-guidance halves, not on their combination: it
@@ -48,7 +48,7 @@ from diffusers.hooks.hooks import ModelHook
 from tqdm.auto import tqdm
 
 from ..adapters import denoiser_of, resolve_adapter
-from ..data import conditions_from
+from ..data import CalibrationData, conditions_from
 from ..errors import QuantError
 from ..files import load_npz, save_npz
 from ..loading import generation_kwargs
@@ -57,7 +57,7 @@ from ..schedules.presets import build_from_tag
 from .calibration import QuantCalibration, calibrate, temporal_modules
 from .config import QuantConfig, quantizable_layers
 from .hooks import quant_hooks
-from .quantizers import act_params, weight_levels
+from .quantizers import weight_levels
 from ..kernels.int8 import weight_codes
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class _QALoRA(ModelHook):
         fan_in = int(np.prod(weight.shape[1:]))
         rank = min(rank, weight.shape[0], fan_in)
         self.codes = codes.to(torch.float32)
-        self.low, self.high = weight_levels(bits)
+        self.bits, (self.low, self.high) = bits, weight_levels(bits)
         self.scale = torch.nn.Parameter(scale.detach().float().clone())
         self.lora_a = torch.nn.Parameter(torch.empty(rank, fan_in))
         torch.nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)  # nn.Linear's, as LoRA
@@ -113,11 +113,14 @@ class _QALoRA(ModelHook):
     def _shaped(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, *([1] * (self.codes.dim() - 1)))
 
+    def _merged(self) -> torch.Tensor:
+        """``s * W_int + B A``: the dequantized integers with the LoRA update added."""
+        return self.codes * self._shaped(self.scale) + (self.lora_b @ self.lora_a).view_as(self.codes)
+
     def fake_weight(self) -> torch.Tensor:
         """``s * clamp(round((s * W_int + B A) / s))``: the merged weight, fake-quantized (gradients by STE)."""
         s = self._shaped(self.scale)
-        merged = self.codes * s + (self.lora_b @ self.lora_a).view_as(self.codes)
-        return torch.clamp(_round_ste(merged / s), self.low, self.high) * s
+        return torch.clamp(_round_ste(self._merged() / s), self.low, self.high) * s
 
     def fake_act(self, x: torch.Tensor, step: int) -> torch.Tensor:
         s = self.act_scale[step].clamp_min(1e-12)
@@ -139,9 +142,7 @@ class _QALoRA(ModelHook):
     @torch.no_grad()
     def merged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The deployed integers (int8 array), the weight step sizes and the per-step ``(scale, zero)``."""
-        s = self._shaped(self.scale)
-        merged = self.codes * s + (self.lora_b @ self.lora_a).view_as(self.codes)
-        codes = torch.clamp(torch.round(merged / s), self.low, self.high).to(torch.int8).numpy()
+        codes = weight_codes(self._merged(), self.scale, self.bits).to(torch.int8).numpy()
         act = None
         if self.act_scale is not None:
             zero = torch.clamp(torch.round(self.act_zero), 0, 2**self.act_bits - 1)
@@ -358,8 +359,8 @@ def _student_layers(denoiser: torch.nn.Module, calibration: QuantCalibration, ra
             up = calibration.rounding.get(name)
             codes = weight_codes(module.weight.detach().float(), scale, w_bits,
                                  None if up is None else torch.as_tensor(up))
-            ranges = torch.as_tensor(calibration.ranges[index], dtype=torch.float32)
-            act = act_params(ranges[:, 0], ranges[:, 1], a_bits) if a_bits is not None else None
+            steps = torch.from_numpy(calibration.act_params(index))
+            act = (steps[:, 0], steps[:, 1]) if a_bits is not None else None
             out.append((module, _QALoRA(module, codes, scale, w_bits, rank, act, a_bits, switch, name, generator)))
     return out
 
@@ -430,12 +431,9 @@ def _result(calibration: QuantCalibration, trained: list, settings: _Settings, s
     """The PTQ calibration with the learned integers, weight steps and per-step activation quantizers."""
     names = calibration.layers
     codes, scales = {}, dict(calibration.scales)
-    act = None
+    act = None  # the trained layers' learned quantizers, the PTQ ones for the rest (the table-served MLP)
     if calibration.config.act_bits is not None:
-        act = np.zeros((len(names), calibration.num_steps, 2), dtype=np.float32)
-        for index, (w_bits, a_bits) in enumerate(calibration.layer_bits()):
-            ranges = torch.as_tensor(calibration.ranges[index], dtype=torch.float32)
-            act[index] = torch.stack(act_params(ranges[:, 0], ranges[:, 1], a_bits), dim=1).numpy()
+        act = np.stack([calibration.act_params(index) for index in range(len(names))])
     by_name = {hook.name: hook for _, hook in trained}
     for index, name in enumerate(names):
         if name in by_name:
@@ -475,11 +473,11 @@ def distillation_loss(
 
     hooks = [(module, _Gate(hook, switch)) for module, hook in deployed]
     hooks.append((adapter.denoiser, _Distill(switch, on_step)))
-    chunks = [conditions[i: i + batch_size] for i in range(0, len(conditions), batch_size)]
+    batches = CalibrationData(conditions, steps, guidance_scale, seed, batch_size).batches(pipe)
     with planned(pipe, adapter, build_from_tag("none", adapter, steps), hooks):
-        for i, chunk in enumerate(tqdm(chunks, desc="distillation loss", disable=not progress)):
+        for kwargs in tqdm(batches, desc="distillation loss", disable=not progress):
             rows.append([])
-            pipe(**generation_kwargs(pipe, chunk, seed + i, steps, guidance_scale))
+            pipe(**kwargs)
     return np.asarray(rows)
 
 

@@ -28,7 +28,7 @@ from ..runtime import Executor
 from .calibration import QuantCalibration, temporal_modules
 from .config import quantizable_layers
 from .config import QuantConfig
-from .quantizers import act_params, fake_quant_act, fake_quant_weight, weight_scales
+from .quantizers import fake_quant_act, fake_quant_weight, weight_scales
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +194,9 @@ def layer_hook(module: torch.nn.Module, name: str, index: int, count: int, quant
         else:
             scales = weight_scales(module.weight, w_bits, config.weight_range)
         scale = zero = kernel = weight = None
-        if a_bits is not None and calibration is not None and calibration.act is not None:
-            learned_act = torch.as_tensor(calibration.act[index], dtype=torch.float32, device=device)
-            scale, zero = learned_act[:, 0].contiguous(), learned_act[:, 1].contiguous()
-        elif a_bits is not None:
-            ranges = torch.as_tensor(quant.ranges[index], dtype=torch.float32, device=device)
-            scale, zero = act_params(ranges[:, 0], ranges[:, 1], a_bits)
+        if a_bits is not None:
+            steps = torch.as_tensor(quant.act_params(index), device=device)
+            scale, zero = steps[:, 0].contiguous(), steps[:, 1].contiguous()
         codes = calibration.codes.get(name) if calibration is not None else None
         # a fine-tuned layer runs its learned integers: codes * scale is exactly on the grid, so both the
         # kernels' and the simulation's rounding give those integers back
