@@ -1,14 +1,17 @@
 """Adapters: which modules of a denoiser are cache units and components (ARCHITECTURE section 4).
 
-Importing this package registers the built-in adapters, UNets first, then transformers.
+Importing this package registers the built-in adapters; the video ones register before the image adapter they
+specialise (``before=``).
 """
 
-from . import dit, unet  # noqa: F401  (registration order: specific UNet adapter before the block-list one)
+from . import dit, unet, video_transformers, video_unets  # noqa: F401  (importing registers them)
 from .base import BLOCK, Adapter, Layout, denoiser_of, register_adapter, uncompiled
 from .dit import TransformerAdapter, TransformerUnit
 from .generic import PatternAdapter
 from .resolve import resolve_adapter
 from .unet import UNetAdapter, UNetLayer
+from .video_transformers import VideoTransformerAdapter
+from .video_unets import VideoUNetAdapter
 
 __all__ = [
     "BLOCK",
@@ -19,6 +22,8 @@ __all__ = [
     "TransformerUnit",
     "UNetAdapter",
     "UNetLayer",
+    "VideoTransformerAdapter",
+    "VideoUNetAdapter",
     "denoiser_of",
     "register_adapter",
     "resolve_adapter",

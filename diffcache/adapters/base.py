@@ -168,13 +168,18 @@ def denoiser_of(pipe: object) -> torch.nn.Module:
 _ADAPTERS: list[tuple[str, Callable[[torch.nn.Module], bool], type[Adapter]]] = []
 
 
-def register_adapter(name: str, matches: Callable[[torch.nn.Module], bool]) -> Callable[[type[Adapter]], type[Adapter]]:
-    """Class decorator: register an adapter for denoisers where ``matches(denoiser)`` is true."""
+def register_adapter(name: str, matches: Callable[[torch.nn.Module], bool],
+                     before: str | None = None) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator: register an adapter for denoisers where ``matches(denoiser)`` is true, tried after those
+    registered earlier, or just before the adapter named ``before`` (a more specific adapter than it)."""
 
     def decorate(cls: type[Adapter]) -> type[Adapter]:
-        if any(existing == name for existing, _, _ in _ADAPTERS):
+        names = [existing for existing, _, _ in _ADAPTERS]
+        if name in names:
             raise ValueError(f"an adapter named {name!r} is already registered")
-        _ADAPTERS.append((name, matches, cls))
+        if before is not None and before not in names:
+            raise ValueError(f"no adapter named {before!r} to register {name!r} before; registered: {names}")
+        _ADAPTERS.insert(names.index(before) if before is not None else len(_ADAPTERS), (name, matches, cls))
         return cls
 
     return decorate

@@ -64,9 +64,14 @@ def block_input(spec: TransformerUnit, name: str, args: tuple, kwargs: dict) -> 
     raise AccelerationStateError(f"{spec.name} was called without its {name!r} input")
 
 
-def make_unit(name: str, module: torch.nn.Module, with_components: bool = True) -> TransformerUnit:
-    """Describe one block; ``with_components=False`` caches it only as a whole (its gates are unknown)."""
-    component_names, outputs = _BLOCK_SPECS.get(type(module).__name__, ((), None))
+BlockSpecs = dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]]
+
+
+def make_unit(name: str, module: torch.nn.Module, with_components: bool = True,
+              specs: BlockSpecs | None = None) -> TransformerUnit:
+    """Describe one block; ``with_components=False`` caches it only as a whole (its gates are unknown).
+    ``specs``: block class name -> (cached sub-modules, output streams); default the image blocks'."""
+    component_names, outputs = (_BLOCK_SPECS if specs is None else specs).get(type(module).__name__, ((), None))
     components = {
         c: getattr(module, c)
         for c in component_names
@@ -88,6 +93,8 @@ class TransformerAdapter(Adapter):
 
     family = "transformer"
     routable = True
+    block_specs: BlockSpecs = _BLOCK_SPECS
+    """Block class name -> (cached sub-modules, output streams); subclasses for other model lines extend it."""
 
     def __init__(self, denoiser: torch.nn.Module, units: list[TransformerUnit] | None = None) -> None:
         super().__init__(denoiser)
@@ -98,13 +105,12 @@ class TransformerAdapter(Adapter):
         self.component_names = names
         self.granularities = (BLOCK, "component") if names else (BLOCK,)
 
-    @staticmethod
-    def _find_units(denoiser: torch.nn.Module) -> list[TransformerUnit]:
+    def _find_units(self, denoiser: torch.nn.Module) -> list[TransformerUnit]:
         units = []
         for list_name in BLOCK_LIST_NAMES:
             blocks = getattr(denoiser, list_name, None)
             if isinstance(blocks, torch.nn.ModuleList):
-                units += [make_unit(f"{list_name}.{i}", block) for i, block in enumerate(blocks)]
+                units += [make_unit(f"{list_name}.{i}", block, specs=self.block_specs) for i, block in enumerate(blocks)]
         if not units:
             raise UnsupportedModelError(f"{type(denoiser).__name__} has no non-empty block list {BLOCK_LIST_NAMES}")
         return units
@@ -116,7 +122,7 @@ class TransformerAdapter(Adapter):
         if granularity != "component" or not self.component_names:
             raise UnsupportedModelError(
                 f"{type(self.denoiser).__name__} blocks ({type(self.units[0].module).__name__}) have no known "
-                f"components; known block classes: {sorted(_BLOCK_SPECS)}. Use block-level caching "
+                f"components; known block classes: {sorted(self.block_specs)}. Use block-level caching "
                 "(e.g. 'uniform:interval=2')"
             )
         present = np.array([[c in u.components for c in self.component_names] for u in self.units])

@@ -19,6 +19,7 @@ last decoder layer run; ``u = 0``: only the output head runs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ class UNetLayer:
             reused unit.
         consumes: for decoder resnets, the skip index ``j``; its hidden input is unit ``j + 1``'s cache ``F_j``.
         skip_channels: channels of ``s_j`` in the resnet's concatenated input ``cat([F_j, s_j])``.
-        wraps_output: the module is a ``Transformer2DModel`` whose output is a tuple/output object.
+        wraps_output: the module returns an output object (a tuple with ``return_dict=False``), e.g. a
+            ``Transformer2DModel``.
         body_output: the last up block, whose output is unit 0's cache (the whole UNet but its output head).
     """
 
@@ -54,13 +56,28 @@ class UNetLayer:
 
 class UNetAdapter(Adapter):
     """DeepCache branches of a diffusers UNet: ``units[b + 1]`` is ``cache_branch_id b``; ``units[0]``
-    (``conv_in``) caches the whole body."""
+    (``conv_in``) caches the whole body.
+
+    Subclasses for other UNet lines (`diffcache.adapters.video_unets`) name their block classes, the module lists
+    that run beside each resnet, and the modules that return an output object rather than a tensor.
+    """
 
     family = "unet"
+    down_blocks: ClassVar[tuple[str, ...]] = _DOWN_BLOCKS
+    up_blocks: ClassVar[tuple[str, ...]] = _UP_BLOCKS
+    beside_resnets: ClassVar[tuple[str, ...]] = ("attentions",)
+    """Module lists of a block whose ``i``-th entry runs after ``resnets[i]`` and belongs to its unit."""
+    wrapped_outputs: ClassVar[tuple[str, ...]] = ("Transformer2DModel",)
+    """Classes whose forward returns an output object (or a tuple with ``return_dict=False``)."""
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         super().__init__(denoiser)
-        self.units, self.layers = _describe(denoiser)
+        self.units, self.layers = _describe(denoiser, self)
+
+    @staticmethod
+    def resnet_channels(resnet: torch.nn.Module) -> tuple[int, int]:
+        """``(in_channels, out_channels)`` of a block's resnet."""
+        return resnet.in_channels, resnet.out_channels
 
     def layout(self, granularity: str = BLOCK) -> Layout:
         if granularity != BLOCK:
@@ -97,10 +114,9 @@ class UNetAdapter(Adapter):
             )
 
 
-def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    for kind, blocks, allowed in (("down", unet.down_blocks, _DOWN_BLOCKS), ("up", unet.up_blocks, _UP_BLOCKS)):
+def _describe(unet: torch.nn.Module, adapter: UNetAdapter) -> tuple[list[str], list[UNetLayer]]:
+    for kind, blocks, allowed in (("down", unet.down_blocks, adapter.down_blocks),
+                                  ("up", unet.up_blocks, adapter.up_blocks)):
         bad = [type(b).__name__ for b in blocks if type(b).__name__ not in allowed]
         if bad:
             raise UnsupportedModelError(
@@ -111,21 +127,24 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
         raise UnsupportedModelError(f"{type(unet).__name__} has no mid block; DeepCache needs one")
 
     def layer(name: str, module: torch.nn.Module, member: int | None, **kw) -> UNetLayer:
-        return UNetLayer(name, module, member, wraps_output=isinstance(module, Transformer2DModel), **kw)
+        return UNetLayer(name, module, member, wraps_output=any(
+            c.__name__ in adapter.wrapped_outputs for c in type(module).__mro__), **kw)
+
+    def beside(block: torch.nn.Module, bi: int, i: int, kind: str, member: int) -> list[UNetLayer]:
+        return [layer(f"{kind}_blocks.{bi}.{name}.{i}", getattr(block, name)[i], member)
+                for name in adapter.beside_resnets if getattr(block, name, None) is not None]
 
     # Encoder: skip j is produced by unit j (s_0 by conv_in).
     skip_channels = [unet.conv_in.out_channels]
     units = ["conv_in"]
     layers = [layer("conv_in", unet.conv_in, 0)]
     for bi, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
             unit = len(units)
             units.append(f"down_blocks.{bi}.resnets.{i}")
             layers.append(layer(units[-1], resnet, unit))
-            if attentions is not None:
-                layers.append(layer(f"down_blocks.{bi}.attentions.{i}", attentions[i], unit))
-            skip_channels.append(resnet.out_channels)
+            layers += beside(block, bi, i, "down", unit)
+            skip_channels.append(adapter.resnet_channels(resnet)[1])
         for i, sampler in enumerate(block.downsamplers or []):
             units.append(f"down_blocks.{bi}.downsamplers.{i}")
             layers.append(layer(units[-1], sampler, len(units) - 1))
@@ -136,19 +155,18 @@ def _describe(unet: torch.nn.Module) -> tuple[list[str], list[UNetLayer]]:
     # Decoder: resnets consume skips from the deepest; skip j's consumer belongs to unit j.
     j = len(skip_channels) - 1
     for bi, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
             if j < 0:
                 raise UnsupportedModelError(f"{type(unet).__name__}: decoder has more resnets than encoder skips")
-            if resnet.in_channels <= skip_channels[j]:
+            in_channels = adapter.resnet_channels(resnet)[0]
+            if in_channels <= skip_channels[j]:
                 raise UnsupportedModelError(
-                    f"up_blocks.{bi}.resnets.{i} takes {resnet.in_channels} channels, not a hidden state plus the "
+                    f"up_blocks.{bi}.resnets.{i} takes {in_channels} channels, not a hidden state plus the "
                     f"{skip_channels[j]}-channel skip {j}; unexpected UNet wiring"
                 )
             name = f"up_blocks.{bi}.resnets.{i}"
             layers.append(layer(name, resnet, j, consumes=j, skip_channels=skip_channels[j]))
-            if attentions is not None:
-                layers.append(layer(f"up_blocks.{bi}.attentions.{i}", attentions[i], j))
+            layers += beside(block, bi, i, "up", j)
             j -= 1
         for i, sampler in enumerate(block.upsamplers or []):
             # It feeds the consumer of skip j (j+1 was just consumed), so it is part of F_j: unit j + 1.

@@ -175,23 +175,47 @@ def _wrap_scheduler(attachment: Attachment) -> None:
     executor = attachment.executor
     scheduler = executor.scheduler
     attachment.scheduler_saved = {m: scheduler.__dict__[m] for m in _SCHEDULER_METHODS if m in scheduler.__dict__}
-    original_set, original_step = scheduler.set_timesteps, scheduler.step
+    scheduler.set_timesteps = _SetTimesteps(executor, scheduler, scheduler.set_timesteps)
+    scheduler.step = _Step(executor, scheduler, scheduler.step)
 
-    @functools.wraps(original_set)
-    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        result = original_set(*args, **kwargs)
-        executor.start_generation(len(scheduler.timesteps))
+
+class _SchedulerMethod:
+    """A scheduler method wrapped for one executor. Objects, not closures, so that a deep copy of the scheduler
+    (diffusion-forcing pipelines keep one per frame) gets its *own* method back rather than a function that would
+    step the original scheduler's state; see `__deepcopy__`."""
+
+    def __init__(self, executor: Executor, scheduler: Any, original: Callable, primary: bool = True) -> None:
+        self.executor, self.scheduler, self.original, self.primary = executor, scheduler, original, primary
+        functools.update_wrapper(self, original)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        copied = memo.get(id(self.scheduler))  # the scheduler copy being built, registered before its state
+        if copied is None:
+            return self
+        return type(self)(self.executor, copied, getattr(type(copied), self.original.__name__).__get__(copied),
+                          primary=False)
+
+
+class _SetTimesteps(_SchedulerMethod):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.original(*args, **kwargs)
+        if self.primary:  # a copy's schedule is not a new generation of the pipeline
+            self.executor.start_generation(len(self.scheduler.timesteps))
         return result
 
-    @functools.wraps(original_step)
-    def step(*args: Any, **kwargs: Any) -> Any:
+
+class _Step(_SchedulerMethod):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        executor = self.executor
+        if not self.primary:  # one of several copies stepped after the same denoiser call: the step ends once
+            result = self.original(*args, **kwargs)
+            if executor.calls_in_step:
+                executor.end_step()
+            return result
         if executor.step == 0:
-            remaining = _steps_from(scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
+            remaining = _steps_from(self.scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
             if remaining is not None:
                 executor.run_steps(remaining)
-        result = original_step(*args, **kwargs)
+        result = self.original(*args, **kwargs)
         executor.end_step()
         return result
-
-    scheduler.set_timesteps = set_timesteps
-    scheduler.step = step

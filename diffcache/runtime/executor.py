@@ -207,6 +207,11 @@ class Executor:
         self.release()
         self.open = False
 
+    @property
+    def calls_in_step(self) -> int:
+        """Denoiser calls since the current step began."""
+        return self._calls_in_step
+
     def end_step(self) -> None:
         """Called after ``scheduler.step``; after the plan's last step the caches are of no further use."""
         self.step += 1

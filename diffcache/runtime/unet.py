@@ -123,7 +123,7 @@ class UNetLayerHook(ModelHook):
             return self._placeholder(args, kwargs)
         j = layer.consumes
         if j is not None:
-            x = args[0]
+            x, args, kwargs = _pop_input(args, kwargs)
             if j + 1 == branch:
                 if x.shape[1] != layer.skip_channels:
                     raise AccelerationStateError(
@@ -133,17 +133,17 @@ class UNetLayerHook(ModelHook):
                 feature = ex.cached((branch, 0))
                 # Same memory layout as on the full step (oneDNN may hand out channels_last), so the resnet
                 # computes in the same order and unchanged inputs reproduce the full step bit for bit.
-                joined = torch.cat([feature, x], dim=1).contiguous(memory_format=ex.store.notes[(branch, 0)])
-                args = (joined, *args[1:])
+                x = torch.cat([feature, x], dim=1).contiguous(memory_format=ex.store.notes[(branch, 0)])
             elif ex.wanted[j + 1][0]:
                 ex.store.notes[(j + 1, 0)] = _memory_format(x)
                 ex.put((j + 1, 0), x[:, : x.shape[1] - layer.skip_channels].clone())
+            args = (x, *args)
         return self.fn_ref.original_forward(*args, **kwargs)
 
     def _placeholder(self, args: tuple, kwargs: dict) -> Any:
         # A zero-channel view keeps batch and spatial size, so the UNet's concatenations still line up and the
         # decoder layer consuming the cached branch receives exactly its fresh skip tensor.
-        x = args[0] if args else kwargs["hidden_states"]
+        x = _pop_input(args, kwargs)[0]
         empty = x[:, :0]
         if not self.layer.wraps_output:
             return empty
@@ -152,6 +152,21 @@ class UNetLayerHook(ModelHook):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=empty)
+
+
+_INPUT_NAMES = ("hidden_states", "input_tensor", "sample")  # how diffusers' UNet blocks name a layer's input
+
+
+def _pop_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A UNet layer's main input, and the call's other arguments: positional first (SD's blocks), or by keyword
+    (the motion blocks call ``resnet(input_tensor=..., temb=...)``)."""
+    if args:
+        return args[0], args[1:], kwargs
+    for name in _INPUT_NAMES:
+        if name in kwargs:
+            rest = dict(kwargs)
+            return rest.pop(name), (), rest
+    raise AccelerationStateError(f"a UNet layer was called without a positional input or one of {_INPUT_NAMES}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
