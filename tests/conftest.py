@@ -59,3 +59,40 @@ class WeightCalls(TorchFunctionMode):
             if i is not None:
                 self.counts[i] += 1
         return func(*args, **kwargs)
+
+
+def first_weight_leaf(module: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+def plan_leaves(adapter, plan) -> tuple[list[torch.nn.Module], np.ndarray]:
+    """A transformer plan's leaves to watch (one weight per cached slot) and ``(steps, leaves)`` when each must
+    compute: per component slot, or per block (a weight inside its first component)."""
+    if plan.granularity == "component":
+        slots = [(u, c) for u, unit in enumerate(adapter.units) for c, comp in enumerate(plan.components)
+                 if comp in unit.components]
+        leaves = [first_weight_leaf(adapter.units[u].components[plan.components[c]]) for u, c in slots]
+        return leaves, np.stack([plan.recompute[:, u, c] for u, c in slots], axis=1)
+    # Inside the attention: DiT reads block 0's norm1 embedding outside the block too.
+    leaves = [first_weight_leaf(next(iter(unit.components.values()))) for unit in adapter.units]
+    return leaves, plan.recompute[:, :, 0]
+
+
+def first_call_inputs(model: torch.nn.Module, generate) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` of ``model``'s first call while ``generate()`` runs."""
+    captured = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, a, k: captured.append((a, k)) if not captured else None, with_kwargs=True)
+    generate()
+    handle.remove()
+    return captured[0]
+
+
+def full_then_reused(model: torch.nn.Module, executor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output of a full step, then of a reuse step with the very same inputs (what the wrapped scheduler's
+    ``set_timesteps`` / ``step`` would do around them)."""
+    executor.start_generation(4)
+    with torch.no_grad():
+        full = model(*args, **kwargs)[0]
+        executor.end_step()
+        return full, model(*args, **kwargs)[0]

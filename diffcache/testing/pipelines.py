@@ -224,9 +224,11 @@ def _clip_text_encoder(
     return _seeded(seed, offset, lambda: cls(config))
 
 
-def _t5_encoder(seed: int, offset: int, d_model: int = 32) -> T5EncoderModel:
-    """Tiny T5 v1.1-style (gated-gelu) encoder, 2 layers."""
-    config = T5Config(
+def _t5_encoder(seed: int, offset: int, d_model: int = 32, config_class: type = T5Config,
+                model_class: type = T5EncoderModel) -> T5EncoderModel:
+    """Tiny T5 v1.1-style (gated-gelu) encoder, 2 layers; ``UMT5Config`` / ``UMT5EncoderModel`` give Wan's UMT5
+    (per-layer relative attention bias) of the same shape."""
+    config = config_class(
         vocab_size=_TEXT_VOCAB,
         d_model=d_model,
         d_kv=8,
@@ -240,7 +242,7 @@ def _t5_encoder(seed: int, offset: int, d_model: int = 32) -> T5EncoderModel:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return _seeded(seed, offset, lambda: T5EncoderModel(config))
+    return _seeded(seed, offset, lambda: model_class(config))
 
 
 def _vae(

@@ -66,7 +66,8 @@ from diffusers import (
 from transformers import UMT5Config, UMT5EncoderModel
 
 from diffcache.optional import require
-from diffcache.testing.video_more import VIDEO_MORE_NAMES, build_video_more, video_more_kwargs
+from diffcache.testing.video_more import BUILDERS as _MORE_BUILDERS
+from diffcache.testing.video_more import VIDEO_MORE_NAMES, video_more_kwargs
 from diffcache.testing.pipelines import _MAX_SEQ, _PROMPTS, _TEXT_DIM, _TEXT_VOCAB, _seeded, _t5_encoder, _t5_tokenizer
 
 __all__ = ["VIDEO_PIPELINE_NAMES", "VIDEO_UNETS", "build_video_pipeline", "video_call_kwargs"]
@@ -105,23 +106,8 @@ def _check(name: str) -> None:
         raise ValueError(f"unknown video pipeline name {name!r}; valid names: {', '.join(VIDEO_PIPELINE_NAMES)}")
 
 
-def _umt5_encoder(seed: int, offset: int, d_model: int = _TEXT_DIM) -> UMT5EncoderModel:
-    """Tiny UMT5 (per-layer relative attention bias, gated-gelu) encoder, 2 layers; same shape as ``_t5_encoder``."""
-    config = UMT5Config(
-        vocab_size=_TEXT_VOCAB,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return _seeded(seed, offset, lambda: UMT5EncoderModel(config))
+def _umt5_encoder(seed: int, offset: int) -> UMT5EncoderModel:
+    return _t5_encoder(seed, offset, _TEXT_DIM, UMT5Config, UMT5EncoderModel)
 
 
 def _wan_vae(seed: int, offset: int) -> AutoencoderKLWan:
@@ -349,6 +335,7 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "cogvideox": _build_cogvideox,
     "ltx": _build_ltx,
     "mochi": _build_mochi,
+    **_MORE_BUILDERS,
 }
 
 
@@ -363,9 +350,10 @@ def build_video_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
     call arguments and torch thread count.
     """
     _check(name)
-    if name in VIDEO_MORE_NAMES:
-        return build_video_more(name, seed)
     pipe = _BUILDERS[name](seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
     logger.debug("built %s video pipeline %r (seed=%d)", type(pipe).__name__, name, seed)
     return pipe

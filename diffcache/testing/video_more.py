@@ -23,8 +23,8 @@ byte-level BPE with header / end-of-turn special tokens).
 
 Example::
 
-    pipe = build_video_more("latte", seed=0)
-    frames = pipe(**video_more_kwargs("latte")).frames  # (1, 4, 64, 64, 3)
+    pipe = build_video_pipeline("latte", seed=0)   # diffcache.testing.video
+    frames = pipe(**video_call_kwargs("latte")).frames  # (1, 4, 64, 64, 3)
 """
 
 from __future__ import annotations
@@ -86,12 +86,10 @@ try:  # transformers >= 5 without torchvision: the PIL backend (CLIPImageProcess
 except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor as _CLIPImageProcessor
 
-__all__ = ["VIDEO_MORE_NAMES", "build_video_more", "video_more_kwargs"]
+__all__ = ["BUILDERS", "VIDEO_MORE_NAMES", "video_more_kwargs"]
 
 logger = logging.getLogger(__name__)
 
-VIDEO_MORE_NAMES: tuple[str, ...] = ("hunyuanvideo", "latte", "animatediff", "svd")
-"""All pipeline names accepted by :func:`build_video_more` and :func:`video_more_kwargs`."""
 
 # (side in pixels, number of frames) of the videos produced by ``video_more_kwargs``.
 _VIDEO: dict[str, tuple[int, int]] = {
@@ -119,11 +117,6 @@ _LLAMA_WORDS = sorted(set(_WORDS) | {"system", "user", "Describe", "video", "det
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check(name: str) -> None:
-    if name not in VIDEO_MORE_NAMES:
-        raise ValueError(f"unknown video pipeline name {name!r}; valid names: {', '.join(VIDEO_MORE_NAMES)}")
 
 
 def _llama_tokenizer() -> PreTrainedTokenizerFast:
@@ -421,32 +414,17 @@ def _build_svd(seed: int) -> DiffusionPipeline:
     )
 
 
-_BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
+BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "hunyuanvideo": _build_hunyuanvideo,
     "latte": _build_latte,
     "animatediff": _build_animatediff,
     "svd": _build_svd,
 }
+"""Name -> builder; :func:`diffcache.testing.video.build_video_pipeline` is the public entry."""
+VIDEO_MORE_NAMES: tuple[str, ...] = tuple(BUILDERS)
 
 
 # ------------------------------------------------------------------------ public API
-
-
-def build_video_more(name: str, seed: int = 0) -> DiffusionPipeline:
-    """Build the tiny random-weight video pipeline ``name`` (see :data:`VIDEO_MORE_NAMES`).
-
-    The pipeline is on CPU, fp32, in eval mode, with its progress bar disabled. The same
-    ``seed`` always yields bit-identical weights, hence bit-identical outputs for the same
-    call arguments and torch thread count.
-    """
-    _check(name)
-    pipe = _BUILDERS[name](seed)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    logger.debug("built %s video pipeline %r (seed=%d)", type(pipe).__name__, name, seed)
-    return pipe
 
 
 def video_more_kwargs(
@@ -460,7 +438,6 @@ def video_more_kwargs(
     videos of ``batch_size`` x frames x side x side x 3 (sizes in ``_VIDEO``); SVD gets
     ``batch_size`` deterministic PIL pictures as conditioning images instead of prompts.
     """
-    _check(name)
     px, frames = _VIDEO[name]
     kwargs: dict[str, Any] = {
         "num_inference_steps": num_inference_steps,

@@ -15,7 +15,8 @@ from diffcache.runtime import find_attachment
 from diffcache.testing import PIPELINE_NAMES, build_pipeline
 from diffcache.schedules.presets import from_tag, resample
 
-from ..conftest import STEPS, TRANSFORMER_PIPELINES, UNET_PIPELINES, WeightCalls, psnr, run
+from ..conftest import (STEPS, TRANSFORMER_PIPELINES, UNET_PIPELINES, WeightCalls, first_call_inputs, first_weight_leaf,
+                        full_then_reused, plan_leaves, psnr, run)
 
 CACHING_TAG = {name: "deepcache:interval=3,branch=1" for name in UNET_PIPELINES} | {
     name: "fora:interval=2" for name in TRANSFORMER_PIPELINES
@@ -131,10 +132,6 @@ def test_searched_schedule_is_resampled_with_a_warning(caplog):
 
 
 # ------------------------------------------------------------------------------------ what really runs
-def first_weight_leaf(module: torch.nn.Module) -> torch.nn.Module:
-    return next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-
-
 def ran_per_step(pipe, name: str, leaves: list[torch.nn.Module], steps: int) -> np.ndarray:
     """(steps, len(leaves)) bool: did each leaf's weight really compute at each denoiser call."""
     snapshots = []
@@ -197,22 +194,13 @@ def test_reuse_with_unchanged_inputs_is_exact(name):
     or another branch's cache, or a wrong residual all change the output."""
     pipe = build_pipeline(name)
     model = denoiser(pipe)
-    captured = []
-    model.register_forward_pre_hook(lambda _m, a, k: captured.append((a, k)) if not captured else None,
-                                    with_kwargs=True)
-    run(pipe, name, steps=1)
-    args, kwargs = captured[0]
+    args, kwargs = first_call_inputs(model, lambda: run(pipe, name, steps=1))
     tags = ["deepcache:interval=2,branch=0", "deepcache:interval=2,branch=5", "deepcache:interval=2,branch=-1"
             ] if name in UNET_PIPELINES else [
         "fora:interval=2", "uniform:interval=2"]
     for tag in tags:
         diffcache.accelerate(pipe, tag)
-        executor = find_attachment(model).executor
-        executor.start_generation(4)  # what the wrapped scheduler's set_timesteps / step do
-        with torch.no_grad():
-            full = model(*args, **kwargs)[0]
-            executor.end_step()
-            reused = model(*args, **kwargs)[0]
+        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
         assert diffcache.summary(pipe).reused[1].sum() > 0
         if tag.startswith("uniform"):  # block residual: x + (f(x) - x) rounds once
             torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
@@ -245,15 +233,7 @@ def test_transformer_caching_runs_what_the_plan_says(name, granularity):
     ref = run(pipe, name)
     tag = "fora:interval=2" if granularity == "component" else "uniform:interval=3"
     plan = from_tag(tag, adapter, STEPS)
-    if granularity == "component":
-        slots = [(u, c) for u, unit in enumerate(adapter.units) for c, comp in enumerate(plan.components)
-                 if comp in unit.components]
-        leaves = [first_weight_leaf(adapter.units[u].components[plan.components[c]]) for u, c in slots]
-        expected = np.stack([plan.recompute[:, u, c] for u, c in slots], axis=1)
-    else:
-        # Inside the attention: DiT reads block 0's norm1 embedding outside the block too.
-        leaves = [first_weight_leaf(next(iter(unit.components.values()))) for unit in adapter.units]
-        expected = plan.recompute[:, :, 0]
+    leaves, expected = plan_leaves(adapter, plan)
     diffcache.accelerate(pipe, tag)
     assert np.array_equal(ran_per_step(pipe, name, leaves, STEPS), expected)
     quality = psnr(run(pipe, name), ref)

@@ -15,7 +15,7 @@ from diffcache.runtime import find_attachment
 from diffcache.schedules.presets import from_tag
 from diffcache.testing.video import VIDEO_PIPELINE_NAMES, VIDEO_UNETS, build_video_pipeline, video_call_kwargs
 
-from ..conftest import STEPS, WeightCalls, psnr
+from ..conftest import STEPS, WeightCalls, first_call_inputs, first_weight_leaf, full_then_reused, plan_leaves, psnr
 
 TRANSFORMERS = tuple(n for n in VIDEO_PIPELINE_NAMES if n not in VIDEO_UNETS)
 CACHING_TAG = {name: "deepcache:interval=3,branch=1" for name in VIDEO_UNETS} | {
@@ -32,10 +32,6 @@ def denoiser(pipe) -> torch.nn.Module:
 
 def hooked(pipe) -> list[str]:
     return [n for n, m in denoiser(pipe).named_modules() if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks]
-
-
-def first_weight_leaf(module: torch.nn.Module) -> torch.nn.Module:
-    return next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
 
 def ran_per_step(pipe, name: str, leaves: list[torch.nn.Module]) -> np.ndarray:
@@ -118,14 +114,7 @@ def test_video_transformer_caching_runs_what_the_plan_says(name, granularity, ca
     ref = run(pipe, name)
     tag = "fora:interval=2" if granularity == "component" else "uniform:interval=3"
     plan = from_tag(tag, adapter, STEPS)
-    if granularity == "component":
-        slots = [(u, c) for u, unit in enumerate(adapter.units) for c, comp in enumerate(plan.components)
-                 if comp in unit.components]
-        leaves = [first_weight_leaf(adapter.units[u].components[plan.components[c]]) for u, c in slots]
-        expected = np.stack([plan.recompute[:, u, c] for u, c in slots], axis=1)
-    else:
-        leaves = [first_weight_leaf(next(iter(unit.components.values()))) for unit in adapter.units]
-        expected = plan.recompute[:, :, 0]
+    leaves, expected = plan_leaves(adapter, plan)
     diffcache.accelerate(pipe, tag)
     with caplog.at_level(logging.WARNING, logger="diffcache"):
         assert np.array_equal(ran_per_step(pipe, name, leaves), expected)
@@ -140,19 +129,10 @@ def test_video_reuse_with_unchanged_inputs_is_exact(name):
     place, a stale cache or a wrong stream order all change it."""
     pipe = build_video_pipeline(name)
     model = pipe.transformer
-    captured = []
-    model.register_forward_pre_hook(lambda _m, a, k: captured.append((a, k)) if not captured else None,
-                                    with_kwargs=True)
-    run(pipe, name, steps=2)  # Mochi's sigma schedule divides by steps - 1
-    args, kwargs = captured[0]
+    args, kwargs = first_call_inputs(model, lambda: run(pipe, name, steps=2))  # Mochi divides by steps - 1
     for tag in ("fora:interval=2", "uniform:interval=2"):
         diffcache.accelerate(pipe, tag)
-        executor = find_attachment(model).executor
-        executor.start_generation(4)
-        with torch.no_grad():
-            full = model(*args, **kwargs)[0]
-            executor.end_step()
-            reused = model(*args, **kwargs)[0]
+        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
         assert diffcache.summary(pipe).reused[1].sum() > 0
         if tag.startswith("uniform"):  # block residual: x + (f(x) - x) rounds once
             torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
@@ -202,18 +182,9 @@ def test_video_unet_reuse_skips_deep_temporal_layers(name):
 def test_video_unet_reuse_with_unchanged_inputs_is_exact(name):
     pipe = build_video_pipeline(name)
     model = pipe.unet
-    captured = []
-    model.register_forward_pre_hook(lambda _m, a, k: captured.append((a, k)) if not captured else None,
-                                    with_kwargs=True)
-    run(pipe, name, steps=2)
-    args, kwargs = captured[0]
+    args, kwargs = first_call_inputs(model, lambda: run(pipe, name, steps=2))
     for tag in ("deepcache:interval=2,branch=0", "deepcache:interval=2,branch=2", "deepcache:interval=2,branch=-1"):
         diffcache.accelerate(pipe, tag)
-        executor = find_attachment(model).executor
-        executor.start_generation(4)
-        with torch.no_grad():
-            full = model(*args, **kwargs)[0]
-            executor.end_step()
-            reused = model(*args, **kwargs)[0]
+        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
         assert diffcache.summary(pipe).reused[1].sum() > 0, tag
         assert torch.equal(reused, full), tag
