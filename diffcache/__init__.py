@@ -14,10 +14,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import AccelerationStateError, DiffcacheError, ScheduleError, SearchError, UnsupportedModelError
+from .errors import (
+    AccelerationStateError,
+    DiffcacheError,
+    ScheduleError,
+    SearchError,
+    SliceError,
+    UnsupportedModelError,
+)
 
 if TYPE_CHECKING:
     from .api import accelerate, accelerated, restore, summary
+    from .runtime.slicing import SliceConfig
     from .schedule import Schedule
     from .schedules.search import search
 
@@ -25,6 +33,7 @@ __version__ = "0.1.0"
 
 # Imported on first use, so `import diffcache` (and the command line's --help) does not load torch.
 _LAZY = {"accelerate": "api", "accelerated": "api", "restore": "api", "summary": "api", "Schedule": "schedule",
+         "SliceConfig": "runtime.slicing",
          "search": "schedules.search"}
 
 
@@ -41,6 +50,8 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "SearchError",
+    "SliceConfig",
+    "SliceError",
     "UnsupportedModelError",
     "__version__",
     "accelerate",

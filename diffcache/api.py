@@ -26,6 +26,7 @@ from .runtime import (
     suspended,
 )
 from .runtime.mechanisms import mechanism_class
+from .runtime.slicing import SliceConfig, slice_hooks
 from .schedule import Schedule
 from .schedules.presets import build_from_tag, resample, tag_of
 
@@ -45,6 +46,7 @@ def accelerate(
     quant: QuantConfig | QuantCalibration | str | os.PathLike | None = None,
     correction: CacheCorrection | str | os.PathLike | None = None,
     keep_float_weights: bool = True,
+    memory: str | SliceConfig | None = None,
     calibration: Sequence[str | int] | str | os.PathLike | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
@@ -72,6 +74,11 @@ def accelerate(
             `diffcache.quant.calibrate` does, for the step count and guidance you will generate with (a
             calibration holds for exactly that step count; default: the pipeline's). One call instead of two;
             calibrate separately to save the calibration and reuse it.
+        memory: ``"sliced"`` (or ``"sliced:frames=2,tokens=1024"``, a `SliceConfig`): Streamlined Inference's
+            Feature Slicer and Operator Grouping for video models, each cut layer run chunk by chunk (per-frame
+            layers over frames, temporal layers over positions, feed-forwards over tokens) so that no full-size
+            intermediate exists; the output equals the unsliced one up to float rounding. `summary` then reports
+            the peak resident memory of the denoiser calls.
         keep_float_weights: with ``quant``, keep the quantized layers' float weights beside their int8 ones (the
             default), so `restore` is exact. ``False`` frees them, so the weights really shrink (int8 layers to a
             quarter of float32); the pipeline then cannot be restored or accelerated again (reload the model).
@@ -83,11 +90,14 @@ def accelerate(
         UnsupportedModelError: no adapter applies to the denoiser (the message says how to pass ``units=``).
         QuantError: ``quant`` is unknown, unreadable, or calibrated for another model.
         AccelerationStateError: the pipeline's float weights were released by an earlier call.
+        SliceError: ``memory`` is malformed, or asks to cut layers this model mixes (frames of a full-attention
+            video transformer).
     """
     denoiser, scheduler = _parts(pipe)
     check_detachable(denoiser)
     adapter = resolve_adapter(denoiser, units)
     plan_for, granularity = _plan_source(schedule, adapter)
+    sliced, memory_note = _slicing(adapter, memory)
     quant = resolve_quant(quant)
     if calibration is not None:
         quant = _calibrated(pipe, quant, calibration, schedule, num_inference_steps, guidance_scale)
@@ -109,10 +119,10 @@ def accelerate(
 
         quant_note += f"; float weights released ({float_weight_bytes(hooks) / 2**20:.1f} MiB freed)"
     executor = Executor(adapter, plan_for, scheduler, pipe if scheduler is not None else None,
-                        correction=correction, quant_note=quant_note)
+                        correction=correction, quant_note=quant_note, memory_note=memory_note)
     bind(hooks, executor)
     detach(denoiser)
-    attach(denoiser, executor, granularity)
+    attach(denoiser, executor, granularity, sliced)
     add_hooks(denoiser, hooks, QUANT_HOOK)
     if quant is not None and not keep_float_weights:
         from .quant.hooks import release_float_weights
@@ -129,6 +139,17 @@ def accelerate(
             logger.info("diffcache: %.0f MiB of freed memory returned to the system", freed / 2**20)
     logger.info("diffcache: %s accelerated with %s", type(denoiser).__name__, _describe(schedule))
     return pipe
+
+
+def _slicing(adapter: Adapter, memory: str | SliceConfig | None) -> tuple[list, str | None]:
+    """The memory-slicing hooks ``memory`` asks for (checked against the model) and their `summary` line."""
+    if memory is None:
+        return [], None
+    config = SliceConfig.parse(memory)
+    targets = adapter.slice_targets()
+    config.check(targets, type(adapter.denoiser).__name__)
+    hooks = slice_hooks(targets, config)
+    return hooks, config.describe(hooks)
 
 
 def _calibrated(pipe: Pipeline, quant: Any, prompts: Any, schedule: ScheduleLike, steps: int | None,
@@ -200,6 +221,9 @@ def summary(pipe: Pipeline) -> CacheSummary:
         peak_cache_bytes=executor.peak_cache_bytes,
         schedule=plan,
         quant=executor.quant_note,
+        memory=executor.memory_note,
+        start_rss_bytes=stats.start_rss,
+        peak_rss_bytes=stats.peak_rss,
     )
 
 

@@ -44,5 +44,10 @@ class QuantError(DiffcacheError, ValueError):
     """A quantization config or calibration is invalid, or was made for another model or step count."""
 
 
+class SliceError(DiffcacheError, ValueError):
+    """A memory-slicing option is malformed, or asks to cut layers whose chunks are not independent in this model
+    (e.g. frames of a video transformer with full 3-D attention)."""
+
+
 class MissingExtraError(DiffcacheError, ImportError):
     """A feature needs a package from an optional extra that is not installed; the message names the extra."""

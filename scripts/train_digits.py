@@ -69,6 +69,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
 
 from diffcache import models
+from diffcache.eval.metrics import frechet_distance
 from diffcache.models import DigitClassifier, DigitFeatures, DigitsUNetPipeline, real_digits
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -235,17 +236,6 @@ def train_denoiser(
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (float64, symmetric square root)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(cov_a)
-    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
 def torchmetrics_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.Tensor) -> float | None:

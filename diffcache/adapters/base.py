@@ -45,6 +45,22 @@ class Layout:
     nested: bool = False
 
 
+SLICE_KINDS = ("frames", "positions", "positions-folded", "tokens")
+
+
+@dataclass(frozen=True)
+class SliceRule:
+    """A module whose chunks are independent, and how to cut it (`runtime.slicing`; ``kind`` is one of
+    `SLICE_KINDS`, ``input`` names the sliced argument)."""
+
+    kind: str
+    input: str = "hidden_states"
+    companions: tuple[str, ...] = ()
+    """Arguments cut with the input: along dim 0 when their batch equals the input's (``frames``), or at the same
+    positions (``positions-folded``'s context)."""
+
+
+
 class Adapter(ABC):
     """Base class: maps a denoiser to named units (and, for transformers, their components).
 
@@ -88,6 +104,17 @@ class Adapter(ABC):
         raise UnsupportedModelError(
             f"the cache correction fits the layers reading a reused UNet branch feature (DeepCache); "
             f"{type(self.denoiser).__name__} is not a UNet"
+        )
+
+    def slice_targets(self) -> list[tuple[torch.nn.Module, SliceRule]]:
+        """The modules `accelerate(..., memory="sliced")` may run in chunks without changing the math.
+
+        Raises:
+            UnsupportedModelError: the family has none (image models: nothing to slice over).
+        """
+        raise UnsupportedModelError(
+            f"memory slicing cuts video models' per-frame layers, temporal layers and feed-forwards; "
+            f"{type(self.denoiser).__name__} is not a video model diffcache knows; drop memory="
         )
 
     def check_made_for(self, model: dict[str, str] | None, what: str, remedy: str,

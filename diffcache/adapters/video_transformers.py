@@ -13,13 +13,20 @@ What differs from the image blocks is only the table below and Latte's unit orde
 ``transformer_blocks[i]`` (spatial) then ``temporal_transformer_blocks[i]``, so its units interleave the two
 lists in that order. Wan-VACE's control blocks (``vace_blocks``) are not units: they run every step and feed hints
 between the main blocks (so the whole-stack cache is off there; blocks are served one by one).
+
+Memory slicing (`slice_targets`) cuts the feed-forwards over tokens (their 4x-wide hidden layer is the largest
+intermediate of a block). Attention over all of a clip's tokens mixes every frame and position, so no frame or
+space slicing applies; norms are per token but their output is as large as their input, so cutting them alone
+saves nothing. Latte is the exception: its attention is factorised, so its spatial attentions are cut over frames
+and its temporal attentions over positions. The cuts are at the components, never around a block: a component
+cache hook inside a cut block would see one chunk per call and serve the last chunk to all of them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import register_adapter
+from .base import SliceRule, register_adapter
 from .dit import _BLOCK_SPECS, BLOCK_LIST_NAMES, BlockSpecs, TransformerAdapter, TransformerUnit, make_unit
 
 _TUPLE = ("hidden_states", "encoder_hidden_states")  # video blocks return (video, text) in this order
@@ -44,6 +51,18 @@ class VideoTransformerAdapter(TransformerAdapter):
     """diffusers' video transformers: the transformer family with the video blocks' components."""
 
     block_specs = {**_BLOCK_SPECS, **VIDEO_BLOCK_SPECS}
+
+    def slice_targets(self) -> list[tuple[torch.nn.Module, SliceRule]]:
+        from diffusers.models.attention import FeedForward
+
+        targets = [(module, SliceRule("tokens")) for module in self.denoiser.modules() if isinstance(module, FeedForward)]
+        if _is_latte(self.denoiser):
+            companions = ("encoder_hidden_states", "attention_mask")
+            for name, kind in zip(_LATTE_LISTS, ("frames", "positions")):
+                for block in getattr(self.denoiser, name):
+                    targets += [(attn, SliceRule(kind, companions=companions))
+                                for attn in (block.attn1, getattr(block, "attn2", None)) if attn is not None]
+        return targets
 
     def _find_units(self, denoiser: torch.nn.Module) -> list[TransformerUnit]:
         if not _is_latte(denoiser):

@@ -104,6 +104,18 @@ def fid(images: Any, reference: Any, features: str | torch.nn.Module = "inceptio
         return float(metric.compute())
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)`` (float64, symmetric square root);
+    what `fid` computes, for features already extracted."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(cov_a)
+    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
 def clip_score(images: Any, prompts: Sequence[str], model: str = "openai/clip-vit-base-patch16") -> float:
     """Mean CLIP score (torchmetrics `CLIPScore`, 100 x cosine similarity) of images with their prompts.
 

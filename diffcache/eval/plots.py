@@ -1,4 +1,4 @@
-"""PNG figures: image grids (rows = methods, same seeds) and speed/quality Pareto plots."""
+"""Figures: image grids (rows = methods, same seeds), animated clip grids (GIF) and speed/quality Pareto plots."""
 
 from __future__ import annotations
 
@@ -21,6 +21,30 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: i
         scale: integer upscaling of each tile (nearest), so 32 px digits stay readable.
         columns: a header per column (e.g. the class label each column asked for).
     """
+    _grid(rows, scale, columns, font_px).save(path)
+
+
+def clip_gif(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: int = 4,
+             columns: Sequence[str] | None = None, frame_ms: int = 150) -> None:
+    """Save an animated GIF of video clips: `image_grid`'s layout, one GIF frame per clip frame (looping).
+
+    Args:
+        rows: method name -> clips ``(N, F, H, W, C)`` in [0, 1]; all rows have the same N, F, H, W.
+        frame_ms: display time of each frame.
+    """
+    frames = next(iter(rows.values())).shape[1]
+    images = [_grid({name: clips[:, f] for name, clips in rows.items()}, scale, columns, 14) for f in range(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+
+
+def clip_strip(rows: Mapping[str, np.ndarray], path: str | os.PathLike, clip: int = 0, scale: int = 4) -> None:
+    """Save a PNG of one clip per method with its frames side by side (rows = methods, columns = frames)."""
+    frames = next(iter(rows.values())).shape[1]
+    image_grid({name: clips[clip] for name, clips in rows.items()}, path, scale,
+               columns=[f"t={f}" for f in range(frames)])
+
+
+def _grid(rows: Mapping[str, np.ndarray], scale: int, columns: Sequence[str] | None, font_px: int) -> Image.Image:
     first = next(iter(rows.values()))
     n, h, w = first.shape[:3]
     tile_h, tile_w, pad = h * scale, w * scale, 2
@@ -39,7 +63,7 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, scale: i
         for c, image in enumerate(images):
             tile = Image.fromarray(to_uint8(image)).convert("RGB").resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (label_px + c * (tile_w + pad), y))
-    canvas.save(path)
+    return canvas
 
 
 def measured_front(points: Sequence[tuple[float, float]]) -> list[int]:

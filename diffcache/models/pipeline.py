@@ -26,6 +26,22 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def check_labels(class_labels: int | list[int] | torch.Tensor, null_class: int) -> torch.Tensor:
+    """Class labels as a 1-d long tensor; ``ValueError`` unless non-empty and all in ``[0, null_class)``."""
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= null_class:
+        raise ValueError(f"class_labels must be a non-empty list of ints in [0, {null_class}), got "
+                         f"{labels.tolist()}")
+    return labels
+
+
+def step_kwargs(scheduler: KarrasDiffusionSchedulers, generator: torch.Generator | list[torch.Generator] | None
+                ) -> dict:
+    """``scheduler.step``'s extra keywords: the generator, for the schedulers that take one."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted else {}
+
+
 class DigitsUNetPipeline(DiffusionPipeline):
     """Class-conditional generation of 32x32 digits with a latent ``UNet2DModel`` and an ``AutoencoderKL``.
 
@@ -59,17 +75,6 @@ class DigitsUNetPipeline(DiffusionPipeline):
             raise ValueError(f"unknown labels {unknown}; expected some of {list(self.labels)}")
         return [self.labels[n] for n in names]
 
-    def _check_labels(self, class_labels: int | list[int] | torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
-            raise ValueError(f"class_labels must be a non-empty list of ints in [0, {self.null_class}), got "
-                             f"{labels.tolist()}")
-        return labels
-
-    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict:
-        accepted = inspect.signature(self.scheduler.step).parameters
-        return {"generator": generator} if "generator" in accepted else {}
-
     @torch.no_grad()
     def __call__(
         self,
@@ -94,7 +99,7 @@ class DigitsUNetPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         device = self._execution_device
-        labels = self._check_labels(class_labels).to(device)
+        labels = check_labels(class_labels, self.null_class).to(device)
         do_cfg = guidance_scale > 1
         if do_cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
@@ -103,7 +108,7 @@ class DigitsUNetPipeline(DiffusionPipeline):
         shape = (batch_size, self.unet.config.in_channels, size, size)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator)
+        extra = step_kwargs(self.scheduler, generator)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -113,7 +118,7 @@ class DigitsUNetPipeline(DiffusionPipeline):
             if do_cfg:
                 cond, uncond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
 
         if output_type == "latent":
             images = latents

@@ -23,6 +23,7 @@ from ..errors import AccelerationStateError
 from ..schedule import Schedule
 from .executor import Executor
 from .hooks import DenoiserHook
+from .slicing import SLICE_HOOK
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Attachment:
     hooked: list[tuple[torch.nn.Module, str, bool]] = field(default_factory=list)  # module, hook, new registry
     scheduler_saved: dict[str, Any] = field(default_factory=dict)
     extra: list[tuple[torch.nn.Module, Any, str]] = field(default_factory=list)  # `add_hooks`'s, kept for `suspended`
+    inner: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)  # hooks inside the cache hooks (slicing)
     released: bool = False  # the quantized layers' float weights were freed: nothing to detach back to
 
 
@@ -54,12 +56,18 @@ def check_detachable(denoiser: torch.nn.Module) -> None:
         )
 
 
-def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str) -> Attachment:
-    """Install the leader hook, the unit/component hooks for ``granularity`` and the scheduler wrapper."""
-    attachment = Attachment(executor, granularity)
+def attach(denoiser: torch.nn.Module, executor: Executor, granularity: str,
+           inner: Sequence[tuple[torch.nn.Module, Any]] = ()) -> Attachment:
+    """Install the leader hook, the unit/component hooks for ``granularity`` and the scheduler wrapper.
+
+    ``inner`` hooks (memory slicing) are registered before the unit/component hooks, so they run inside them: a
+    reused unit skips them, a computed one runs through them."""
+    attachment = Attachment(executor, granularity, inner=list(inner))
     leader = DenoiserHook(executor)
     leader.attachment = attachment
     _register(attachment, denoiser, leader, LEADER_HOOK)
+    for module, hook in attachment.inner:
+        _register(attachment, module, hook, SLICE_HOOK)
     for module, hook, name in executor.family.hooks(granularity):
         _register(attachment, module, hook, name)
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
@@ -126,7 +134,7 @@ def suspended(denoiser: torch.nn.Module) -> Iterator[None]:
     finally:
         detach(denoiser)
         if previous is not None:
-            attach(denoiser, previous.executor, previous.granularity)
+            attach(denoiser, previous.executor, previous.granularity, previous.inner)
             for name in dict.fromkeys(name for _, _, name in previous.extra):
                 add_hooks(denoiser, [(m, h) for m, h, n in previous.extra if n == name], name)
 

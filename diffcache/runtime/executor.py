@@ -74,6 +74,8 @@ class Executor:
             anything with ``check(adapter, plan)`` and ``mechanism(executor, inner) -> Mechanism``.
         observers: see every value the executor would cache (`runtime.recording`).
         quant_note: what the quantization hooks run, for `summary`.
+        memory_note: what the memory slicing hooks cut, for `summary`; when set, each generation also measures
+            the process's peak resident memory during its denoiser calls (`summary`'s ``peak_rss_bytes``).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Executor:
         correction: Any | None = None,
         observers: Sequence[Observer] = (),
         quant_note: str | None = None,
+        memory_note: str | None = None,
     ) -> None:
         self.adapter = adapter
         self.plan_for = plan_for
@@ -102,6 +105,7 @@ class Executor:
         self.correction = correction
         self.observers = list(observers)
         self.quant_note = quant_note
+        self.memory_note = memory_note
         self.mechanism: Mechanism | None = None
         self.family = runtime_for(adapter)(self)
         self.step = 0

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
+from ..memory import PeakRSS, trim_heap
 from .executor import Executor
 
 
@@ -46,6 +47,19 @@ class DenoiserHook(ModelHook):
         self.contexts = ContextTracker()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.executor.memory_note is None:
+            return self._call(args, kwargs)
+        stats = self.executor.stats
+        if stats.start_rss is None:  # the generation's first call: free heap pages first, so growth shows
+            trim_heap()
+        with PeakRSS() as peak:
+            output = self._call(args, kwargs)
+        if peak.bytes is not None:
+            stats.start_rss = peak.start if stats.start_rss is None else stats.start_rss
+            stats.peak_rss = max(stats.peak_rss or 0, peak.bytes)
+        return output
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         if not self.executor.begin_call(args, kwargs, self.contexts.name):
             return self.fn_ref.original_forward(*args, **kwargs)
         try:

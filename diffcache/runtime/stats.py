@@ -21,6 +21,9 @@ class CacheSummary:
         cache_bytes, peak_cache_bytes: bytes of cached tensors held now / at most since `accelerate`.
         schedule: the plan of the last generation (resampled to its step count).
         quant: which layers run quantized and how (real int8 or simulated), if quantized.
+        memory: what memory slicing cuts, if sliced; then ``peak_rss_bytes`` is the process's peak resident memory
+            during the last generation's denoiser calls and ``start_rss_bytes`` its RSS when that generation began
+            (after handing free heap memory back, so the difference is what the calls needed).
     """
 
     method: str
@@ -37,6 +40,9 @@ class CacheSummary:
     peak_cache_bytes: int
     schedule: Schedule
     quant: str | None = None
+    memory: str | None = None
+    start_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None
 
     @property
     def cache_usage_ratio(self) -> float:
@@ -57,6 +63,11 @@ class CacheSummary:
         ]
         if self.quant:
             lines.append(f"quantization: {self.quant}")
+        if self.memory:
+            peak = "not measured (no /proc here)" if self.peak_rss_bytes is None else (
+                f"peak RSS {_mib(self.peak_rss_bytes)} during the denoiser calls, "
+                f"{_mib(self.peak_rss_bytes - (self.start_rss_bytes or 0))} above the generation's start")
+            lines.append(f"memory: {self.memory}; {peak}")
         width = max(len(u) for u in self.units)
         lines.append(f"{'unit':<{width}}  computed  reused  per step (C computed, r reused, . partly, - not run)")
         for u, unit in enumerate(self.units):
@@ -85,12 +96,15 @@ class StatsRecorder:
         self.reused = np.zeros((0, num_units), dtype=np.int64)
         self.generations = 0
         self.calls = 0
+        self.start_rss: int | None = None  # when memory is measured: RSS at the generation's first call
+        self.peak_rss: int | None = None  # and the most during its denoiser calls
 
     def start(self, num_steps: int) -> None:
         self.computed = np.zeros((num_steps, self.num_units), dtype=np.int64)
         self.reused = np.zeros((num_steps, self.num_units), dtype=np.int64)
         self.generations += 1
         self.calls = 0
+        self.start_rss = self.peak_rss = None
 
     def resize(self, num_steps: int) -> None:
         """Same generation, another step count (counts of the steps so far are kept)."""

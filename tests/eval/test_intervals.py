@@ -82,3 +82,24 @@ def test_image_grid_has_column_headers_and_uncut_row_labels(tmp_path):
     grid = Image.open(tmp_path / "g.png")
     text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=ImageFont.load_default(size=14))
     assert grid.width >= text + 3 * 16 and grid.height == 24 + 2 * 18  # header row + two rows of tiles
+
+
+def test_clip_gif_and_strip_animate_the_grid(tmp_path):
+    from PIL import Image
+
+    from diffcache.eval.plots import clip_gif, clip_strip
+
+    clips = np.zeros((3, 4, 8, 8, 1))
+    for f in range(4):
+        clips[:, f, :, f * 2:f * 2 + 2] = 1.0  # a bar moving right
+    clip_gif({"full": clips, "cached": clips[::-1]}, tmp_path / "c.gif", scale=2, columns=["a", "b", "c"])
+    gif = Image.open(tmp_path / "c.gif")
+    assert gif.n_frames == 4
+    frames = []
+    for f in range(4):
+        gif.seek(f)
+        frames.append(np.asarray(gif.convert("L"), dtype=np.int16))
+    assert all(np.abs(a - b).sum() > 0 for a, b in zip(frames, frames[1:]))  # every frame differs: it moves
+    clip_strip({"full": clips}, tmp_path / "s.png", scale=2)
+    strip = Image.open(tmp_path / "s.png")
+    assert strip.width > 4 * 16 and strip.height >= 16

@@ -49,3 +49,15 @@ def test_missing_models_name_the_option(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MetricUnavailableError, match="--clip-model"):
         metrics.clip_score(images(0, 2), ["a", "b"], model=str(tmp_path / "no-clip"))
+
+
+def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
+    from diffcache.eval.metrics import frechet_distance
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=gen, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    shifted = a + torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
+    assert frechet_distance(a, shifted) == pytest.approx(25.0, rel=1e-9)
+    spread = a * torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)  # variance 1 -> 9 on one axis: (3-1)^2 = 4
+    assert frechet_distance(a, spread) == pytest.approx(4.0, rel=0.05)
