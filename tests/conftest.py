@@ -96,3 +96,19 @@ def full_then_reused(model: torch.nn.Module, executor, args: tuple, kwargs: dict
         full = model(*args, **kwargs)[0]
         executor.end_step()
         return full, model(*args, **kwargs)[0]
+
+
+def assert_reuse_reproduces_full(pipe, model: torch.nn.Module, args: tuple, kwargs: dict, tags: list[str]) -> None:
+    """For each tag: a reuse step fed the full step's very inputs reproduces its output (exactly, except block
+    residuals, where x + (f(x) - x) rounds once)."""
+    import diffcache
+    from diffcache.runtime import find_attachment
+
+    for tag in tags:
+        diffcache.accelerate(pipe, tag)
+        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
+        assert diffcache.summary(pipe).reused[1].sum() > 0
+        if tag.startswith("uniform"):
+            torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(reused, full), tag

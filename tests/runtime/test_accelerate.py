@@ -15,8 +15,8 @@ from diffcache.runtime import find_attachment
 from diffcache.testing import PIPELINE_NAMES, build_pipeline
 from diffcache.schedules.presets import from_tag, resample
 
-from ..conftest import (STEPS, TRANSFORMER_PIPELINES, UNET_PIPELINES, WeightCalls, first_call_inputs, first_weight_leaf,
-                        full_then_reused, plan_leaves, psnr, run)
+from ..conftest import (STEPS, TRANSFORMER_PIPELINES, UNET_PIPELINES, WeightCalls, assert_reuse_reproduces_full,
+                        first_call_inputs, first_weight_leaf, plan_leaves, psnr, run)
 
 CACHING_TAG = {name: "deepcache:interval=3,branch=1" for name in UNET_PIPELINES} | {
     name: "fora:interval=2" for name in TRANSFORMER_PIPELINES
@@ -198,14 +198,7 @@ def test_reuse_with_unchanged_inputs_is_exact(name):
     tags = ["deepcache:interval=2,branch=0", "deepcache:interval=2,branch=5", "deepcache:interval=2,branch=-1"
             ] if name in UNET_PIPELINES else [
         "fora:interval=2", "uniform:interval=2"]
-    for tag in tags:
-        diffcache.accelerate(pipe, tag)
-        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
-        assert diffcache.summary(pipe).reused[1].sum() > 0
-        if tag.startswith("uniform"):  # block residual: x + (f(x) - x) rounds once
-            torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(reused, full), tag
+    assert_reuse_reproduces_full(pipe, model, args, kwargs, tags)
 
 
 def test_second_order_scheduler_counts_network_calls():

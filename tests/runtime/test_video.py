@@ -15,7 +15,8 @@ from diffcache.runtime import find_attachment
 from diffcache.schedules.presets import from_tag
 from diffcache.testing.video import VIDEO_PIPELINE_NAMES, VIDEO_UNETS, build_video_pipeline, video_call_kwargs
 
-from ..conftest import STEPS, WeightCalls, first_call_inputs, first_weight_leaf, full_then_reused, plan_leaves, psnr
+from ..conftest import (STEPS, WeightCalls, assert_reuse_reproduces_full, first_call_inputs, first_weight_leaf,
+                        full_then_reused, plan_leaves, psnr)
 
 TRANSFORMERS = tuple(n for n in VIDEO_PIPELINE_NAMES if n not in VIDEO_UNETS)
 CACHING_TAG = {name: "deepcache:interval=3,branch=1" for name in VIDEO_UNETS} | {
@@ -130,14 +131,7 @@ def test_video_reuse_with_unchanged_inputs_is_exact(name):
     pipe = build_video_pipeline(name)
     model = pipe.transformer
     args, kwargs = first_call_inputs(model, lambda: run(pipe, name, steps=2))  # Mochi divides by steps - 1
-    for tag in ("fora:interval=2", "uniform:interval=2"):
-        diffcache.accelerate(pipe, tag)
-        full, reused = full_then_reused(model, find_attachment(model).executor, args, kwargs)
-        assert diffcache.summary(pipe).reused[1].sum() > 0
-        if tag.startswith("uniform"):  # block residual: x + (f(x) - x) rounds once
-            torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(reused, full), tag
+    assert_reuse_reproduces_full(pipe, model, args, kwargs, ["fora:interval=2", "uniform:interval=2"])
 
 
 def test_latte_units_interleave_spatial_and_temporal_blocks():
