@@ -59,6 +59,10 @@ class SliceRule:
     """Arguments cut with the input: along dim 0 when their batch equals the input's (``frames``), or at the same
     positions (``positions-folded``'s context)."""
 
+    @property
+    def axis(self) -> int:
+        """The dimension of ``input`` that is cut."""
+        return 1 if self.kind in ("tokens", "positions-folded") else 0
 
 
 class Adapter(ABC):

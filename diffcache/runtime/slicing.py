@@ -125,7 +125,7 @@ class SliceHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         x = bound.arguments.get(self.rule.input)
-        dim = 1 if self.rule.kind in ("tokens", "positions-folded") else 0
+        dim = self.rule.axis
         if not isinstance(x, torch.Tensor) or x.ndim <= dim or x.shape[dim] <= self.size:
             return self.fn_ref.original_forward(*args, **kwargs)
         outputs = []
