@@ -19,11 +19,11 @@ from .errors import ConditionError, PipelineNotFoundError
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "digits-"
-BUILTIN_NAMES = "digits-dit, digits-unet"  # diffcache.models.MODEL_NAMES, without importing the models here
+BUILTIN_NAMES = "digits-dit, digits-unet, digits-video"  # diffcache.models._PIPELINES, without importing them here
 
 
 def load_any_pipeline(spec: str, torch_dtype: torch.dtype | None = None) -> Any:
-    """``digits-dit`` / ``digits-unet`` (shipped with the package), a local diffusers directory, or a hub id.
+    """``digits-dit`` / ``digits-unet`` / ``digits-video`` (shipped with the package), a local diffusers directory, or a hub id.
 
     Raises:
         PipelineNotFoundError: the name is none of these, or the hub cannot be reached for it.

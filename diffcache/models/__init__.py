@@ -38,8 +38,10 @@ from ..errors import PipelineNotFoundError
 from ..eval.metrics import accuracy, fid
 from ..eval.quality import QualityFn, register_quality
 from .classifier import DigitClassifier, DigitFeatures, prepare
+from . import video_quality
 from .digits import NUM_CLASSES, real_digits
 from .pipeline import DigitsUNetPipeline
+from .video_pipeline import DigitsVideoPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 VAE_DIR = WEIGHTS_DIR / "vae"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 
-_PIPELINES: dict[str, type[DiffusionPipeline]] = {"digits-dit": DiTPipeline, "digits-unet": DigitsUNetPipeline}
-MODEL_NAMES: tuple[str, ...] = tuple(_PIPELINES)
+_PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "digits-dit": DiTPipeline, "digits-unet": DigitsUNetPipeline, "digits-video": DigitsVideoPipeline}
+MODEL_NAMES: tuple[str, ...] = ("digits-dit", "digits-unet")
+"""The image defaults."""
+VIDEO_MODEL_NAMES: tuple[str, ...] = ("digits-video",)
+"""The video default (scripts/train_video_digits.py): 8-frame clips of a moving digit, a latent Wan transformer."""
 DEFAULT_MODEL = "digits-dit"
 
 # Guidance trades diversity for fidelity (ARCHITECTURE section 8). Measured on the shipped weights with 25
@@ -61,6 +67,10 @@ DEFAULT_MODEL = "digits-dit"
 # distance grows as samples lose diversity, below it off-class samples appear.
 GUIDANCE_SCALE = 2.0
 NUM_INFERENCE_STEPS = 25
+
+# The video default's sampler setting (measured in scripts/train_video_digits.py's report).
+VIDEO_GUIDANCE_SCALE = 2.0
+VIDEO_STEPS = 25
 
 # DiTPipeline maps label names to class ids with ``id2label``; the keys must be ints (JSON stores strings).
 ID2LABEL: dict[int, str] = {i: str(i) for i in range(NUM_CLASSES)}
@@ -75,7 +85,7 @@ def pipeline_dir(name: str) -> Path:
 def _check_name(name: str) -> None:
     if name not in _PIPELINES:
         raise PipelineNotFoundError(
-            f"unknown built-in model {name!r}; available: {', '.join(MODEL_NAMES)}"
+            f"unknown built-in model {name!r}; available: {', '.join(_PIPELINES)}"
         )
 
 
@@ -91,19 +101,27 @@ def load_vae() -> AutoencoderKL:
     return _float32(AutoencoderKL.from_pretrained(VAE_DIR, local_files_only=True))
 
 
-def load_pipeline(name: str) -> DiffusionPipeline:
+def load_pipeline(name: str, folder: str | Path | None = None) -> DiffusionPipeline:
     """Loads a built-in digits pipeline on CPU in float32, offline.
 
     Args:
-        name: one of :data:`MODEL_NAMES` (``"digits-dit"``, ``"digits-unet"``).
+        name: one of :data:`MODEL_NAMES` (``"digits-dit"``, ``"digits-unet"``) or :data:`VIDEO_MODEL_NAMES`
+            (``"digits-video"``).
+        folder: load that pipeline's weights from another folder (e.g. a training run's ``--out``); the VAE is
+            always the shipped one.
 
     Raises:
-        PipelineNotFoundError: (a ``ValueError``) for any other name; the message lists the available ones.
+        PipelineNotFoundError: (a ``ValueError``) for any other name (the message lists the available ones) or
+            a folder without the weights (the message names the script that trains them).
     """
     _check_name(name)
     cls = _PIPELINES[name]
     extra = {"id2label": ID2LABEL} if cls is DiTPipeline else {}
-    pipe = cls.from_pretrained(pipeline_dir(name), vae=load_vae(), local_files_only=True, **extra)
+    path = Path(folder) if folder is not None else pipeline_dir(name)
+    if not (path / "model_index.json").is_file():
+        raise PipelineNotFoundError(f"no {name} weights in {path}; train them with scripts/"
+                                    f"{'train_video_digits.py' if name in VIDEO_MODEL_NAMES else 'train_digits.py'}")
+    pipe = cls.from_pretrained(path, vae=load_vae(), local_files_only=True, **extra)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             _float32(component)
@@ -139,6 +157,17 @@ def _fid() -> QualityFn:
     return quality
 
 
+@register_quality("frame_accuracy")
+def _frame_accuracy() -> QualityFn:
+    classifier = load_classifier()
+
+    def quality(outputs: np.ndarray, full: np.ndarray, conditions: Sequence[Any]) -> float:
+        preds = video_quality.frame_predictions(outputs, classifier)
+        return float((preds == torch.tensor([int(c) for c in conditions]).view(-1, 1)).float().mean())
+
+    return quality
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "GUIDANCE_SCALE",
@@ -147,6 +176,10 @@ __all__ = [
     "DigitClassifier",
     "DigitFeatures",
     "DigitsUNetPipeline",
+    "DigitsVideoPipeline",
+    "VIDEO_GUIDANCE_SCALE",
+    "VIDEO_MODEL_NAMES",
+    "VIDEO_STEPS",
     "load_classifier",
     "load_pipeline",
     "load_vae",

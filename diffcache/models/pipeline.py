@@ -42,7 +42,26 @@ def step_kwargs(scheduler: KarrasDiffusionSchedulers, generator: torch.Generator
     return {"generator": generator} if "generator" in accepted else {}
 
 
-class DigitsUNetPipeline(DiffusionPipeline):
+class DigitLabels:
+    """Label names of a digits pipeline with a ``null_class`` property, like ``DiTPipeline.labels``."""
+
+    null_class: int
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Label names to class ids (``"0"`` .. ``"9"``)."""
+        return {str(i): i for i in range(self.null_class)}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of label names (``"3"`` -> 3)."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [n for n in names if n not in self.labels]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; expected some of {list(self.labels)}")
+        return [self.labels[n] for n in names]
+
+
+class DigitsUNetPipeline(DigitLabels, DiffusionPipeline):
     """Class-conditional generation of 32x32 digits with a latent ``UNet2DModel`` and an ``AutoencoderKL``.
 
     Args:
@@ -61,19 +80,6 @@ class DigitsUNetPipeline(DiffusionPipeline):
     def null_class(self) -> int:
         """Class id of the unconditional embedding used for classifier-free guidance."""
         return self.unet.config.num_class_embeds - 1
-
-    @property
-    def labels(self) -> dict[str, int]:
-        """Label names to class ids (``"0"`` .. ``"9"``), like ``DiTPipeline.labels``."""
-        return {str(i): i for i in range(self.null_class)}
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class ids of label names (``"3"`` -> 3)."""
-        names = [label] if isinstance(label, str) else list(label)
-        unknown = [n for n in names if n not in self.labels]
-        if unknown:
-            raise ValueError(f"unknown labels {unknown}; expected some of {list(self.labels)}")
-        return [self.labels[n] for n in names]
 
     @torch.no_grad()
     def __call__(
