@@ -48,7 +48,8 @@ def to_uint8(image: Any) -> np.ndarray:
 
 
 def psnr(images: Any, reference: Any) -> float:
-    """Mean per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB`."""
+    """Mean per-image PSNR (dB) of ``images`` against ``reference``, each capped at `PSNR_CAP_DB`. For video
+    batches ``(N, F, H, W, C)`` (numpy) each clip is one item, scored on its MSE over all frames."""
     return float(_psnr_values(images, reference).mean())
 
 
@@ -59,7 +60,7 @@ def psnr_per_image(images: Any, reference: Any) -> np.ndarray:
 
 def _psnr_values(images: Any, reference: Any) -> torch.Tensor:
     tm_image = require("torchmetrics.functional.image", "eval", "the PSNR metric")
-    a, b = _pair(images, reference)
+    a, b = _pair(_clip_as_image(images), _clip_as_image(reference))
     values = tm_image.peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return values.clamp(max=PSNR_CAP_DB)
 
@@ -185,6 +186,14 @@ class _Features(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         extract = getattr(self.extractor, "features", self.extractor)
         return extract(images).flatten(1).double()
+
+
+def _clip_as_image(images: Any) -> Any:
+    # A video batch (N, F, H, W, C) scores one PSNR per clip (its MSE over every frame): frames stacked in height.
+    if isinstance(images, np.ndarray) and images.ndim == 5:
+        n, f, h, w, c = images.shape
+        return images.reshape(n, f * h, w, c)
+    return images
 
 
 def _pair(images: Any, reference: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,3 +61,15 @@ def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
     assert frechet_distance(a, shifted) == pytest.approx(25.0, rel=1e-9)
     spread = a * torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)  # variance 1 -> 9 on one axis: (3-1)^2 = 4
     assert frechet_distance(a, spread) == pytest.approx(4.0, rel=0.05)
+
+
+def test_video_psnr_is_one_value_per_clip_over_all_its_frames():
+    rng = np.random.default_rng(0)
+    clips = rng.random((3, 4, 8, 8, 1)).astype(np.float32)
+    noisy = clips.copy()
+    noisy[1, 2] += 0.1  # one frame of one clip differs
+    values = metrics.psnr_per_image(np.clip(noisy, 0, 1), clips)
+    mse = np.mean((np.clip(noisy[1], 0, 1) - clips[1]) ** 2)
+    assert values.shape == (3,)
+    assert values[0] == values[2] == metrics.PSNR_CAP_DB
+    assert values[1] == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
