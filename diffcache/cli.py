@@ -41,13 +41,22 @@ def _demo(args: argparse.Namespace) -> int:
     from .eval.demo import run_demo
 
     torch.set_num_threads(args.threads)
+    what = "the embedded video default (Wan)" if args.video else "the embedded digits models (DiT and UNet)"
     print(
-        "diffcache demo: the embedded digits models (DiT and UNet) against cache presets; speed measured side by "
+        f"diffcache demo: {what} against cache presets; speed measured side by "
         f"side ({args.repeats} alternated runs after a warm-up, {args.threads} thread(s)), quality vs real digits "
         "and vs the full model at the same seeds.\n"
     )
     start = time.perf_counter()
-    print(run_demo(args.out, args.per_class, args.repeats, progress=not args.quiet, quant=args.quant))
+    if args.video:
+        if args.quant:
+            args.parser.error("--quant is for the image models; run the video demo without it")
+        from .eval.video_demo import run_video_demo
+
+        print(run_video_demo(args.out, args.per_class or 2, args.repeats, progress=not args.quiet))
+        print(f"demo took {time.perf_counter() - start:.0f} s")
+        return 0
+    print(run_demo(args.out, args.per_class or 10, args.repeats, progress=not args.quiet, quant=args.quant))
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -303,7 +312,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: diffcache demo --out demo-out",
     )
     demo.add_argument("--out", default="demo-out", help="folder for grid.png and pareto.png (default demo-out)")
-    demo.add_argument("--per-class", type=_count, default=10, help="images per digit class and method (default 10)")
+    demo.add_argument("--per-class", type=_count, default=None,
+                      help="images (clips with --video) per digit class and method (default 10; 2 with --video)")
+    demo.add_argument("--video", action="store_true",
+                      help="the video default (digits-video, a Wan transformer) instead: writes OUT/clips.gif and "
+                      "OUT/strip.png")
     demo.add_argument("--repeats", type=_count, default=2, help="timed runs per method (default 2)")
     demo.add_argument("--threads", type=_count, default=1, help="torch threads (default 1: stable timings)")
     demo.add_argument("--quant", default=None, help="also run the models quantized with this preset (e.g. w8a8)")

@@ -9,7 +9,7 @@ Data: clips of moving digits (:mod:`diffcache.models.moving_digits`) made from t
 std; a fresh posterior sample per training step). The held-out digits are kept for evaluation.
 
 Model: a ``WanTransformer3DModel`` (4 heads x 32, ``--layers`` blocks, feed-forward 512, patch 1x2x2, i.e.
-16 tokens per frame and 128 per clip, text_dim 16) trained with epsilon prediction on the same linear-beta
+16 tokens per frame and 128 per clip, text_dim 16) trained with v-prediction on the same linear-beta
 1000-step schedule as the image defaults; the class is a one-hot one-token prompt, replaced by the null class
 10 % of the time; AdamW with warm-up and cosine decay, EMA weights. Deterministic (fixed seeds and threads).
 A checkpoint (model, EMA, optimizer, RNG) is written to ``--work`` every ``--checkpoint-every`` steps and
@@ -46,7 +46,7 @@ logger = logging.getLogger("train_video_digits")
 NUM_TRAIN_TIMESTEPS = 1000
 SCHEDULER_CONFIG = {
     "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-    "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "prediction_type": "epsilon",
+    "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
 }
 TEXT_DIM = 16
 
@@ -119,7 +119,8 @@ def train(args: argparse.Namespace) -> WanTransformer3DModel:
         noise = torch.randn(z0.shape, generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
         tokens = models.video_pipeline.class_tokens(y, TEXT_DIM, zt.dtype)
-        loss = F.mse_loss(model(zt, t, tokens, return_dict=False)[0], noise)
+        target = noise_sched.get_velocity(z0, noise, t)
+        loss = F.mse_loss(model(zt, t, tokens, return_dict=False)[0], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -109,6 +109,7 @@ def test_quantize_finetune_writes_a_finetuned_calibration_and_resumes(tmp_path, 
     (["run", "--pipeline", "digits-unet", "--class-label", "12"], "class label 12 is outside DigitsUNetPipeline's"),
     (["summary", "deepcache:interval=3"], "is a preset tag: pass --pipeline"),
     (["demo", "--threads", "0"], "--threads: must be >= 1, got 0"),
+    (["demo", "--video", "--quant", "w8a8"], "--quant is for the image models"),
 ])
 def test_user_mistakes_are_one_line_usage_errors_that_write_nothing(tmp_path, capsys, monkeypatch, argv, message):
     (tmp_path / "EMPTY").mkdir()
