@@ -19,6 +19,12 @@ The report measures the full model at the default guidance and steps on clips of
 accuracy of the shipped classifier, clip consistency (all frames the same predicted digit), motion linearity
 (residual of a straight-line fit to the frames' ink centres, pixels; real clips: about 0.1) and the
 Fréchet distance of per-clip classifier features to held-out real clips.
+
+Results on the shipped weights (CPU, 2 threads; 1,500 steps, batch 32, 769 s of training; 3.4 MiB):
+
+    guidance 2.0, 25 DDIM steps, 200 clips   frame accuracy 99.3 %, consistent clips 99.0 %,
+                                             motion residual 0.14 px, clip Fréchet distance 5.9
+    real held-out clips                      frame accuracy 99.4 %, consistent clips 99.7 %, 0.01 px
 """
 
 from __future__ import annotations
