@@ -27,13 +27,13 @@ import torch
 
 from diffcache.eval.baselines import BaselineUnavailable, diffusers_cache
 from diffcache.eval.bench import FULL, compare_methods, label, psnr_cell
+from diffcache.eval.demo import SEARCH_SEED
 from diffcache.eval.intervals import bootstrap, paired
+from diffcache.eval.video_demo import SEARCH_BUDGET, VIDEO_SCHEDULES
 from diffcache.memory import format_mib
 
 logger = logging.getLogger("bench_video")
 
-PRESETS = ["fora:interval=2", "fora:interval=3", "uniform:interval=2", "uniform:interval=3",
-           "uniform:interval=3,warmup=2,forecast=1"]
 DIFFUSERS = {
     **{f"diffusers first_block_cache threshold={t}": ("first_block_cache", {"threshold": t}) for t in (0.1, 0.2, 0.3)},
     **{f"diffusers taylorseer interval={n}": ("taylorseer", {"cache_interval": n, "disable_cache_before_step": 2})
@@ -60,8 +60,8 @@ def bench_default(args: argparse.Namespace) -> str:
         return {"class_labels": labels, "guidance_scale": VIDEO_GUIDANCE_SCALE, "output_type": "np",
                 "num_inference_steps": VIDEO_STEPS, "generator": torch.Generator().manual_seed(0)}
 
-    searched = diffcache.search(pipe, list(range(10)), "dp", "latency:2x", num_inference_steps=VIDEO_STEPS,
-                                guidance_scale=VIDEO_GUIDANCE_SCALE, seed=1000, batch_size=10, progress=False)
+    searched = diffcache.search(pipe, list(range(10)), "dp", SEARCH_BUDGET, num_inference_steps=VIDEO_STEPS,
+                                guidance_scale=VIDEO_GUIDANCE_SCALE, seed=SEARCH_SEED, batch_size=10, progress=False)
     others = {}
     for name, (baseline, params) in DIFFUSERS.items():
         try:  # refuse now what cannot apply, not in the middle of the timed rounds
@@ -71,7 +71,7 @@ def bench_default(args: argparse.Namespace) -> str:
             logger.warning("%s: not applicable (%s)", name, err)
             continue
         others[name] = lambda b=baseline, p=params: diffusers_cache(pipe, b, **p)
-    rows = compare_methods(pipe, make_kwargs, [*PRESETS, searched], args.repeats, progress=True, others=others)
+    rows = compare_methods(pipe, make_kwargs, [*VIDEO_SCHEDULES, searched], args.repeats, progress=True, others=others)
     target = torch.tensor(labels).view(-1, 1)
     ours = next(r for r in rows if r.method == label(searched))
     lines = [
